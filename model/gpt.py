@@ -1,0 +1,167 @@
+"""The GPT module: embeddings, pre-norm blocks of causal self-attention and an MLP, an LM head.
+
+The KV cache is explicit data passed in and returned, so the same forward serves eager generation and the
+ONNX export (one graph for prefill and cached decode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import GPTConfig
+
+PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary angles for each position: cos and sin, each (B, 1, T, D), halves repeated."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
+    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos(), angles.sin()
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        allowed: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        past_key: torch.Tensor,
+        past_value: torch.Tensor,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        k = torch.cat((past_key, k), dim=2)  # (B, KV, P+T, D)
+        v = torch.cat((past_value, v), dim=2)  # (B, KV, P+T, D)
+        # Grouped-query attention: query head h reads key/value head h // (H / KV).
+        k_heads = k.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
+        v_heads = v.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
+        att = (q @ k_heads.transpose(-2, -1)) * (1.0 / math.sqrt(D))  # (B, H, T, P+T)
+        # finfo.min rather than -inf: a fully masked row (a padding query) stays finite, never NaN.
+        att = att.masked_fill(~allowed, torch.finfo(att.dtype).min)
+        att = F.softmax(att, dim=-1)
+        att = self.attn_dropout(att)
+        y = att @ v_heads  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # heads concatenated
+        return self.o_proj(y), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.kind = config.mlp
+        self.up = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        if self.kind == "swiglu":
+            self.gate = nn.Linear(config.n_embd, config.intermediate_size, bias=config.bias)
+        self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.norm_2 = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, allowed, rope, past_key, past_value):
+        attended, present = self.attn(self.norm_1(x), allowed, rope, past_key, past_value)
+        x = x + attended
+        x = x + self.mlp(self.norm_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+
+    def empty_past(self, batch_size: int) -> PastKeyValues:
+        shape = (batch_size, self.config.kv_heads, 0, self.config.head_dim)
+        return tuple((self.wte.weight.new_zeros(shape), self.wte.weight.new_zeros(shape)) for _ in self.blocks)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T) int64
+        attention_mask: torch.Tensor,  # (B, P+T) int64, 1 = token, 0 = padding
+        past_key_values: PastKeyValues | None = None,  # per layer (key, value), each (B, KV, P, D)
+    ) -> tuple[torch.Tensor, PastKeyValues]:
+        B, T = input_ids.shape
+        if past_key_values is None:
+            past_key_values = self.empty_past(B)
+        total = attention_mask.shape[1]  # P+T
+        # Positions count real tokens only, so left-padded rows of different lengths line up.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
+        key_index = torch.arange(total, device=input_ids.device)  # (P+T,)
+        query_index = key_index[total - T:]  # (T,) absolute positions of the new tokens
+        causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, P+T)
+
+        x = self.wte(input_ids)  # (B, T, C)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.wpe(position_ids)
+        else:
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        presents = []
+        for block, (past_key, past_value) in zip(self.blocks, past_key_values):
+            x, present = block(x, allowed, rope, past_key, past_value)
+            presents.append(present)
+        x = self.norm_f(x)
+        head = self.wte.weight if self.config.tie_embeddings else self.lm_head.weight
+        logits = F.linear(x, head)  # (B, T, V)
+        return logits, tuple(presents)
