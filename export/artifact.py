@@ -1,0 +1,105 @@
+"""The artifact folder: everything a server needs, described by manifest.json. Torch-free (the engine reads it).
+
+Layout: model.onnx (+ model.onnx.data when large), tokenizer.json, tokenizer_config.json,
+generation_config.json, genai_config.json (onnxruntime-genai), manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from model.fetch import sha256_file
+
+FORMAT = "gptserve-artifact/1"
+MANIFEST = "manifest.json"
+GRAPH_FILE = "model.onnx"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder that cannot be served as it is."""
+
+
+def read_manifest(folder: str | Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: no {MANIFEST}; is this a folder written by `gptserve export`?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ArtifactError(f"{path}: not valid JSON ({error})") from error
+    if manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def file_hashes(folder: Path, names: list[str]) -> dict[str, str]:
+    return {name: sha256_file(folder / name) for name in sorted(names)}
+
+
+def verify_files(folder: str | Path, manifest: dict) -> None:
+    """Every file the manifest lists is present and unchanged."""
+    folder = Path(folder)
+    for name, expected in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{folder}: {name} is missing; re-export the artifact")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(f"{folder}: {name} is corrupt (sha256 {actual[:12]}..., manifest says "
+                                f"{expected[:12]}...); re-export the artifact")
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_id: int | None,
+                 pad_token_id: int | None) -> dict:
+    """onnxruntime-genai's description of the same graph, so it can load the folder unmodified."""
+    return {
+        "model": {
+            "type": "llama" if config["architecture"] == "llama" else "decoder",
+            "context_length": config["context_length"],
+            "vocab_size": graph["vocab_size"],
+            "bos_token_id": bos_token_id if bos_token_id is not None else eos_token_ids[0],
+            "eos_token_id": eos_token_ids if len(eos_token_ids) > 1 else eos_token_ids[0],
+            "pad_token_id": pad_token_id if pad_token_id is not None else eos_token_ids[0],
+            "decoder": {
+                "filename": GRAPH_FILE,
+                "head_size": graph["head_dim"],
+                "hidden_size": config["n_embd"],
+                "num_attention_heads": config["n_head"],
+                "num_hidden_layers": graph["n_layer"],
+                "num_key_value_heads": graph["n_kv_heads"],
+                "session_options": {"provider_options": []},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config["context_length"],
+            "min_length": 0, "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+            "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            # Our graph grows the KV cache by concatenation, so past and present cannot share one buffer.
+            "past_present_share_buffer": False,
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"parity ({report['precision']} vs {report['reference']}, on {report['runtime']}): "
+             f"{'PASSED' if report['passed'] else 'FAILED'}; criteria {report['criteria']}"]
+    for case in report["cases"]:
+        lines.append(f"  {case['case']:<24} max abs diff {case['max_abs_diff']:.3e}  "
+                     f"top-1 agreement {case['top1_agreement']:.4f}  greedy {'match' if case['greedy_match'] else 'DIFFER'}")
+    return "\n".join(lines)

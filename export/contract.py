@@ -1,0 +1,48 @@
+"""The graph contract of an exported model: tensor names, KV layout, and how to feed it. Torch-free: the
+exporter, the certification, the engine and the tests all read it from here (and from the manifest)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+KV_LAYOUT = "[batch, kv_heads, sequence, head_dim]"
+
+
+def past_names(n_layer: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def present_names(n_layer: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(n_layer) for kind in ("key", "value")]
+
+
+def graph_contract(n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int, kv_dtype: str = "float32") -> dict:
+    """The inputs and outputs as written in the manifest (symbolic dims are strings)."""
+    kv_in = ["batch", n_kv_heads, "past_sequence", head_dim]
+    kv_out = ["batch", n_kv_heads, "past_sequence + sequence", head_dim]
+    return {
+        "inputs": [
+            {"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "past_sequence + sequence"]},
+            *({"name": name, "dtype": kv_dtype, "shape": kv_in} for name in past_names(n_layer)),
+        ],
+        "outputs": [
+            {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", vocab_size]},
+            *({"name": name, "dtype": kv_dtype, "shape": kv_out} for name in present_names(n_layer)),
+        ],
+        "kv_layout": KV_LAYOUT,
+        "n_layer": n_layer,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab_size,
+    }
+
+
+def empty_past(graph: dict, batch_size: int, dtype=np.float32) -> list[np.ndarray]:
+    shape = (batch_size, graph["n_kv_heads"], 0, graph["head_dim"])
+    return [np.zeros(shape, dtype=dtype) for _ in range(2 * graph["n_layer"])]
+
+
+def feed(graph: dict, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> dict:
+    """The session inputs: past is the flat list [layer 0 key, layer 0 value, layer 1 key, ...]."""
+    return {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(past_names(graph["n_layer"]), past))}

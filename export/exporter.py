@@ -1,0 +1,130 @@
+"""`gptserve export`: the eager model to one ONNX graph (prefill and cached decode), certified, then moved
+into place as an artifact folder."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from export.artifact import (
+    FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
+)
+from export.contract import graph_contract, past_names, present_names
+from export.parity import certify_fp32
+from export.runtime import create_session
+from model.gpt import GPT
+from model.spec import Pretrained, load_pretrained
+
+OPSET = 20
+SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
+
+
+def progress(message: str) -> None:
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+class _FlatPast(torch.nn.Module):
+    """The GPT with its past as one nested tuple argument, the shape torch.export's dynamic_shapes follow."""
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, past_key_values):
+        return self.model(input_ids, attention_mask, past_key_values)
+
+
+def export_graph(model: GPT, path: Path) -> None:
+    config = model.config
+    batch, sequence = Dim("batch"), Dim("sequence")
+    past_sequence, total_sequence = Dim("past_sequence", min=0), Dim("total_sequence")
+    kv = {0: batch, 2: past_sequence}
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: sequence},
+        "attention_mask": {0: batch, 1: total_sequence},
+        "past_key_values": tuple((kv, kv) for _ in range(config.n_layer)),
+    }
+    # T = 2 in the example: an example with T = 1 silently fixes the sequence axis to 1.
+    input_ids = torch.zeros((2, 2), dtype=torch.int64)
+    attention_mask = torch.ones((2, 2), dtype=torch.int64)
+    program = torch.onnx.export(
+        _FlatPast(model.eval()), (input_ids, attention_mask, model.empty_past(2)),
+        dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET, optimize=True,
+        input_names=["input_ids", "attention_mask", *past_names(config.n_layer)],
+        output_names=["logits", *present_names(config.n_layer)],
+    )
+    weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    program.save(path, external_data=weight_bytes > SINGLE_FILE_LIMIT)
+
+
+def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None) -> dict:
+    """Writes the artifact into `out` (replacing what is there only once the new one is certified)."""
+    config = pretrained.config
+    if context_length:
+        config = config.replace(context_length=min(context_length, config.context_length))
+    model = pretrained.build()
+    model.config = config
+    tokenizer = pretrained.tokenizer
+    graph = graph_contract(config.n_layer, config.kv_heads, config.head_dim, config.vocab_size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
+        staging = Path(scratch)
+        started = time.perf_counter()
+        progress(f"exporting {pretrained.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
+                 f"to ONNX opset {OPSET}")
+        export_graph(model, staging / GRAPH_FILE)
+        progress(f"exported in {time.perf_counter() - started:.0f} s; certifying parity on ONNX Runtime CPU")
+        session = create_session(staging / GRAPH_FILE, provider="cpu")
+        report, canary = certify_fp32(model, session, graph, tolerance)
+        progress(format_report(report))
+        if not report["passed"]:
+            raise ArtifactError(f"parity certification failed; nothing written to {out}\n{format_report(report)}")
+        tokenizer.save(staging)
+        eos = tokenizer.eos_token_ids
+        write_json(staging / "generation_config.json", {
+            "eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id, "max_length": config.context_length})
+        write_json(staging / "genai_config.json",
+                   genai_config(config.to_dict(), graph, eos, tokenizer.bos_token_id, tokenizer.pad_token_id))
+        manifest = {
+            "format": FORMAT,
+            "model": {"name": pretrained.name, "source": str(pretrained.source), "config": config.to_dict()},
+            "precision": "fp32",
+            "graph": {"file": GRAPH_FILE, "opset": OPSET, **graph},
+            "generation": {"context_length": config.context_length, "eos_token_ids": eos,
+                           "bos_token_id": tokenizer.bos_token_id},
+            "tools": {name: version(name) for name in ("torch", "onnx", "onnxruntime", "onnxscript", "gptserve")},
+            "files": file_hashes(staging, [path.name for path in staging.iterdir()]),
+            "parity": report,
+            "canary": canary,
+        }
+        write_json(staging / MANIFEST, manifest)
+        _move_into_place(staging, out)
+    progress(f"artifact ready: {out}")
+    return manifest
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Swap the finished folder in; the old one (if any) is removed only after the new one is in place."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    shutil.move(str(staging), str(out))
+    staging.mkdir()  # TemporaryDirectory cleans up the path it made
+    if old:
+        shutil.rmtree(old)
+
+
+def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None) -> dict:
+    progress(f"loading {spec}")
+    return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length)

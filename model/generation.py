@@ -1,0 +1,150 @@
+"""Generation without torch: per-sequence state (sampling, stopping, streaming text) and a generate loop
+over any step function, so the eager model and the ONNX engine run the very same logic."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from model.detokenizer import IncrementalDetokenizer
+from model.sampling import Sampler, SamplingParams
+from model.tokenizer import Tokenizer
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    id: int
+    text: str  # the text this token releases; "" while it may still begin a stop string
+    logprob: float
+
+
+class StopStringFilter:
+    """Holds back text that might be the start of a stop string, so a stop string never reaches the client,
+    even when it spans several tokens."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """The text safe to release now, and whether a stop string was found (text after it is dropped)."""
+        buffer = self.pending + text
+        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        if hits:
+            self.pending = ""
+            return buffer[: min(hits)], True
+        held = max((size for stop in self.stops for size in range(1, len(stop))
+                    if buffer.endswith(stop[:size])), default=0)
+        self.pending = buffer[len(buffer) - held:]
+        return buffer[: len(buffer) - held], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+@dataclass
+class Sequence:
+    """One request's generation state: it turns each step's logits into a token and the text it releases."""
+
+    tokenizer: Tokenizer
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stopping: StoppingParams = field(default_factory=StoppingParams)
+    finish_reason: FinishReason | None = None
+
+    def __post_init__(self) -> None:
+        self.sampler = Sampler(self.sampling)
+        self.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        self.stop_filter = StopStringFilter(self.stopping.stop)
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.text = ""
+        self.eos_ids = set(self.tokenizer.eos_token_ids)
+        # Prompt and output ids, for the repetition penalty.
+        self._seen = np.array(self.prompt_ids, dtype=np.int64)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def _release_rest(self) -> str:
+        """At the end: text the detokenizer or the stop filter still holds, unless it completes a stop."""
+        text, stopped = self.stop_filter.feed(self.detokenizer.flush())
+        if stopped:
+            self.finish_reason = FinishReason.STOP
+            return text
+        return text + self.stop_filter.flush()
+
+    def step(self, logits: np.ndarray) -> TokenEvent:
+        """Take the next token from its logits ([V], for the last position)."""
+        assert not self.finished, "step() on a finished sequence"
+        token, logprob = self.sampler(logits, self._seen)
+        self.token_ids.append(token)
+        self.logprobs.append(logprob)
+        self._seen = np.append(self._seen, token)
+        if token in self.eos_ids and not self.stopping.ignore_eos:
+            self.finish_reason = FinishReason.EOS
+            text = self._release_rest()
+        else:
+            text, stopped = self.stop_filter.feed(self.detokenizer.push(token))
+            if not stopped and len(self.token_ids) >= self.stopping.max_new_tokens:
+                self.finish_reason = FinishReason.LENGTH
+                text += self._release_rest()
+            elif stopped:
+                self.finish_reason = FinishReason.STOP
+        self.text += text
+        return TokenEvent(token, text, logprob)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    logprobs: list[float]
+
+    def to_json(self) -> dict:
+        return {"token_ids": self.token_ids, "text": self.text, "finish_reason": self.finish_reason.value,
+                "prompt_tokens": self.prompt_tokens}
+
+
+# (input_ids [B, T], attention_mask [B, P+T], past or None) -> (last-position logits [B, V], present)
+StepFunction = Callable[[np.ndarray, np.ndarray, Any], tuple[np.ndarray, Any]]
+
+
+def generate(
+    step: StepFunction,
+    sequence: Sequence,
+    on_token: Callable[[TokenEvent], None] | None = None,
+) -> GenerationResult:
+    """Runs one sequence to its end with the KV cache: a prefill of the prompt, then one token per step."""
+    input_ids = np.array([sequence.prompt_ids], dtype=np.int64)  # (1, T)
+    attention_mask = np.ones_like(input_ids)  # (1, P+T)
+    past = None
+    while not sequence.finished:
+        logits, past = step(input_ids, attention_mask, past)
+        event = sequence.step(logits[0])
+        if on_token:
+            on_token(event)
+        input_ids = np.array([[event.id]], dtype=np.int64)
+        attention_mask = np.ones((1, attention_mask.shape[1] + 1), dtype=np.int64)
+    return GenerationResult(sequence.token_ids, sequence.text, sequence.finish_reason,
+                            len(sequence.prompt_ids), sequence.logprobs)

@@ -1,0 +1,92 @@
+"""The ONNX Runtime engine: loads a certified artifact, checks it, and runs forward steps. No torch here."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from export.artifact import ArtifactError, read_manifest, verify_files
+from export.contract import empty_past, feed
+from export.runtime import create_session
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger("gptserve.engine")
+
+CANARY_STEPS = 8  # greedy steps re-run at start: enough to catch a wrong build, cheap enough for every start
+
+
+class Engine:
+    def __init__(self, folder: Path, manifest: dict, session, tokenizer: Tokenizer) -> None:
+        self.folder, self.manifest, self.session, self.tokenizer = folder, manifest, session, tokenizer
+        self.graph = manifest["graph"]
+        self.context_length = manifest["generation"]["context_length"]
+        self.vocab_size = self.graph["vocab_size"]
+        self.execution_provider = session.get_providers()[0]
+
+    @classmethod
+    def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None) -> "Engine":
+        """Verifies every file's sha256, opens the session and re-runs the start-up canary."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        verify_files(folder, manifest)
+        if not manifest["parity"]["passed"]:
+            raise ArtifactError(f"{folder}: its parity certification did not pass; refusing to serve it")
+        try:
+            session = create_session(folder / manifest["graph"]["file"], provider, threads)
+        except Exception as error:  # onnxruntime raises its own untyped failures for unreadable graphs
+            raise ArtifactError(f"{folder}: ONNX Runtime cannot load the graph: {error}") from error
+        _check_contract(folder, manifest["graph"], session)
+        engine = cls(folder, manifest, session, Tokenizer.from_folder(folder))
+        engine.run_canary()
+        return engine
+
+    def empty_past(self, batch_size: int) -> list[np.ndarray]:
+        return empty_past(self.graph, batch_size)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
+        """input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...] each (B, KV, P, D).
+        Returns all logits (B, T, V) and the present, in the same flat layout with P+T positions."""
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
+        # On CPU, run() hands back its output buffers without a copy, so the KV cache stays numpy.
+        logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past))
+        return logits, present
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
+        """A generation step: the last position's logits (B, V) and the present."""
+        logits, present = self.forward(input_ids, attention_mask, past)
+        return logits[:, -1], present
+
+    def run_canary(self) -> None:
+        """Refuse to serve when this runtime's greedy tokens differ from those recorded at export."""
+        canary = self.manifest["canary"]
+        ids = np.array([canary["prompt_ids"]], dtype=np.int64)
+        mask = np.ones_like(ids)
+        past, tokens = None, []
+        expected = canary["greedy_tokens"][:CANARY_STEPS]
+        for _ in expected:
+            logits, past = self.step(ids, mask, past)
+            tokens.append(int(logits[0].argmax()))
+            ids = np.array([[tokens[-1]]], dtype=np.int64)
+            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        if tokens != expected:
+            raise ArtifactError(
+                f"{self.folder}: start-up canary failed on {self.execution_provider}: greedy tokens {tokens}, "
+                f"recorded at export {expected}; the runtime, its execution provider or the files are wrong")
+        log.info("canary passed on %s (%d greedy tokens)", self.execution_provider, len(tokens))
+
+
+def _check_contract(folder: Path, graph: dict, session) -> None:
+    """The graph's inputs and outputs are the ones the manifest promises (a manifest from another model fails)."""
+    names = lambda specs: [spec["name"] for spec in specs]
+    actual_inputs = [node.name for node in session.get_inputs()]
+    actual_outputs = [node.name for node in session.get_outputs()]
+    if actual_inputs != names(graph["inputs"]) or actual_outputs != names(graph["outputs"]):
+        raise ArtifactError(f"{folder}: the graph's inputs/outputs do not match the manifest's contract")
+    for node, spec in zip(session.get_inputs() + session.get_outputs(), graph["inputs"] + graph["outputs"]):
+        fixed = [(actual, wanted) for actual, wanted in zip(node.shape, spec["shape"]) if isinstance(wanted, int)]
+        if len(node.shape) != len(spec["shape"]) or any(actual != wanted for actual, wanted in fixed):
+            raise ArtifactError(f"{folder}: {node.name} has shape {node.shape} in the graph, "
+                                f"the manifest says {spec['shape']}")
