@@ -67,6 +67,26 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from export.exporter import export
+
+    export(args.model, args.out, tolerance=args.tolerance, context_length=args.max_context)
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from export.artifact import format_report, read_manifest
+
+    manifest = read_manifest(args.artifacts)
+    model, graph = manifest["model"], manifest["graph"]
+    print(f"{model['name']} ({model['config']['architecture']}, {manifest['precision']}), from {model['source']}")
+    print(f"graph: {graph['file']}, opset {graph['opset']}, {graph['n_layer']} layers, KV {graph['kv_layout']} "
+          f"with {graph['n_kv_heads']} heads of {graph['head_dim']}; context {manifest['generation']['context_length']}")
+    print("tools: " + ", ".join(f"{name} {version}" for name, version in manifest["tools"].items()))
+    print(format_report(manifest["parity"]))
+    return 0 if manifest["parity"]["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT models on ONNX Runtime, served over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--artifacts", help="an exported artifact folder (ONNX Runtime engine)")
     add_request_flags(generate)
     generate.set_defaults(run=run_generate)
+
+    export = commands.add_parser("export", help="export a model to a parity-certified ONNX artifact folder")
+    export.add_argument("--model", default=DEFAULT_MODEL, help="model spec")
+    export.add_argument("--out", required=True, help="the artifact folder to write")
+    export.add_argument("--max-context", type=int, default=None, help="cap the context length")
+    export.add_argument("--tolerance", type=float, default=1e-4, help="fp32 max abs logits difference allowed")
+    export.set_defaults(run=run_export)
+
+    inspect = commands.add_parser("inspect", help="show an artifact's manifest and parity report")
+    inspect.add_argument("artifacts")
+    inspect.set_defaults(run=run_inspect)
     return parser
 
 

@@ -1,0 +1,392 @@
+"""Reads pretrained checkpoints (Hugging Face folders, llama.cpp GGUF files) into a GPTConfig and our state dict.
+
+Every source-to-ours name mapping is written out below and every tensor's shape is checked as it is taken;
+all weights come out float32.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from model.config import GPTConfig
+from model.gpt import GPT
+
+StateDict = dict[str, torch.Tensor]
+Shape = tuple[int, ...]
+
+HF_FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model_type -> architecture
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+GGUF_ARCHITECTURES = ("llama",)
+_Q = gguf.GGMLQuantizationType
+# Types gguf.quants can dequantize that llama-family files commonly use.
+GGUF_TENSOR_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
+                     _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K, _Q.Q6_K)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot read: wrong format, unsupported architecture, missing or misshapen tensors."""
+
+
+class _Source:
+    """One checkpoint's tensors, taken by name with their shape checked; any left untaken is an error."""
+
+    def __init__(self, name: str, shapes: dict[str, Shape], load: Callable[[str], torch.Tensor]) -> None:
+        self.name, self.shapes, self.load = name, dict(shapes), load
+
+    def __contains__(self, tensor_name: str) -> bool:
+        return tensor_name in self.shapes
+
+    def take(self, tensor_name: str, shape: Shape) -> torch.Tensor:
+        if tensor_name not in self.shapes:
+            raise CheckpointError(f"{self.name}: missing tensor {tensor_name!r} (expected shape {list(shape)})")
+        actual = self.shapes.pop(tensor_name)
+        if actual != tuple(shape):
+            raise CheckpointError(
+                f"{self.name}: tensor {tensor_name!r} has shape {list(actual)}, expected {list(shape)}")
+        return self.load(tensor_name).to(torch.float32).contiguous()
+
+    def take_head(self, tensor_name: str, config: GPTConfig, state: StateDict) -> None:
+        """The LM head: its own weight when untied; when tied, a stored copy must equal the embedding."""
+        shape = (config.vocab_size, config.n_embd)
+        if not config.tie_embeddings:
+            state["lm_head.weight"] = self.take(tensor_name, shape)
+        elif tensor_name in self and not torch.equal(self.take(tensor_name, shape), state["wte.weight"]):
+            raise CheckpointError(f"{self.name}: embeddings are tied but {tensor_name!r} differs from them")
+
+    def check_all_taken(self) -> None:
+        if self.shapes:
+            names = sorted(self.shapes)
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            raise CheckpointError(f"{self.name}: unexpected tensors {names[:8]}{more}")
+
+
+def _field(values: dict, key: str, source: str):
+    if key not in values:
+        raise CheckpointError(f"{source}: missing {key!r}")
+    return values[key]
+
+
+def _make_config(source: str, **fields) -> GPTConfig:
+    try:
+        return GPTConfig(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+
+
+def load_gpt(config: GPTConfig, state_dict: StateDict) -> GPT:
+    """A GPT in eval mode holding exactly these weights (no parameter missing, none left over)."""
+    model = GPT(config)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"state dict does not fit the model: {error}") from error
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face folders: config.json plus safetensors or pytorch_model.bin weights (single or sharded).
+
+
+def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json; expected a Hugging Face model folder")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from error
+    supported = ", ".join(f"{kind} ({architecture})" for kind, architecture in HF_FAMILIES.items())
+    model_type = hf.get("model_type")
+    if model_type not in HF_FAMILIES:
+        raise CheckpointError(f"{config_path}: unsupported model_type {model_type!r}; supported: {supported}")
+    architectures = hf.get("architectures") or [HF_FAMILIES[model_type]]
+    if architectures != [HF_FAMILIES[model_type]]:
+        raise CheckpointError(f"{config_path}: unsupported architectures {architectures}; supported: {supported}")
+
+    tensors = _read_hf_weights(folder)
+    if model_type == "gpt2":
+        # GPT2LMHeadModel prefixes the body with "transformer."; a bare GPT2Model checkpoint does not.
+        tensors = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
+        # Causal-mask buffers that old GPT-2 checkpoints saved next to the weights.
+        tensors = {name: tensor for name, tensor in tensors.items()
+                   if not name.endswith((".attn.bias", ".attn.masked_bias"))}
+        config = _gpt2_config(hf, str(config_path))
+        convert = _gpt2_state_dict
+    else:
+        # Rotary frequencies that old Llama checkpoints saved; ours are computed from rope_theta.
+        tensors = {name: tensor for name, tensor in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+        config = _llama_config(hf, str(config_path))
+        convert = _llama_hf_state_dict
+    source = _Source(str(folder), {name: tuple(t.shape) for name, t in tensors.items()}, tensors.__getitem__)
+    state = convert(config, source)
+    source.check_all_taken()
+    return config, state
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    for name in HF_WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = _field(json.loads(path.read_text()), "weight_map", str(path))
+            files = [folder / shard for shard in sorted(set(weight_map.values()))]
+        else:
+            files = [path]
+        tensors = {}
+        for file in files:
+            tensors.update(_read_weights_file(file))
+        return tensors
+    raise CheckpointError(f"{folder}: no weights file; expected one of {', '.join(HF_WEIGHT_FILES)}")
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return safetensors.torch.load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        raise CheckpointError(f"{path}: unreadable weights file ({error})") from error
+
+
+def _gpt2_config(hf: dict, source: str) -> GPTConfig:
+    # Our MLP uses the tanh-approximated GELU, which is what GPT-2's "gelu_new" is.
+    activation = hf.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{source}: activation_function {activation!r}; expected gelu_new")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+        raise CheckpointError(f"{source}: only the standard 1/sqrt(head size) attention scaling is supported")
+    n_embd = _field(hf, "n_embd", source)
+    return _make_config(
+        source,
+        vocab_size=_field(hf, "vocab_size", source),
+        n_layer=_field(hf, "n_layer", source),
+        n_head=_field(hf, "n_head", source),
+        n_embd=n_embd,
+        context_length=_field(hf, "n_positions", source),
+        intermediate_size=hf.get("n_inner") or 4 * n_embd,
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        architecture="gpt2",
+    )
+
+
+def _gpt2_state_dict(config: GPTConfig, source: _Source) -> StateDict:
+    C, I = config.n_embd, config.intermediate_size
+
+    def take_conv1d(name: str, in_features: int, out_features: int) -> torch.Tensor:
+        # GPT-2's Conv1D stores its weight as (in, out); nn.Linear wants (out, in).
+        return source.take(name, (in_features, out_features)).t().contiguous()
+
+    state = {
+        "wte.weight": source.take("wte.weight", (config.vocab_size, C)),
+        "wpe.weight": source.take("wpe.weight", (config.context_length, C)),
+    }
+    for i in range(config.n_layer):
+        theirs, ours = f"h.{i}.", f"blocks.{i}."
+        for their_norm, our_norm in (("ln_1", "norm_1"), ("ln_2", "norm_2")):
+            for part in ("weight", "bias"):
+                state[f"{ours}{our_norm}.{part}"] = source.take(f"{theirs}{their_norm}.{part}", (C,))
+        # c_attn is q, k and v side by side along the output dimension.
+        qkv_weight = take_conv1d(theirs + "attn.c_attn.weight", C, 3 * C)  # (3C, C)
+        qkv_bias = source.take(theirs + "attn.c_attn.bias", (3 * C,))
+        for name, weight, bias in zip("qkv", qkv_weight.split(C), qkv_bias.split(C)):
+            state[f"{ours}attn.{name}_proj.weight"] = weight.contiguous()
+            state[f"{ours}attn.{name}_proj.bias"] = bias.contiguous()
+        state[ours + "attn.o_proj.weight"] = take_conv1d(theirs + "attn.c_proj.weight", C, C)
+        state[ours + "attn.o_proj.bias"] = source.take(theirs + "attn.c_proj.bias", (C,))
+        state[ours + "mlp.up.weight"] = take_conv1d(theirs + "mlp.c_fc.weight", C, I)
+        state[ours + "mlp.up.bias"] = source.take(theirs + "mlp.c_fc.bias", (I,))
+        state[ours + "mlp.down.weight"] = take_conv1d(theirs + "mlp.c_proj.weight", I, C)
+        state[ours + "mlp.down.bias"] = source.take(theirs + "mlp.c_proj.bias", (C,))
+    state["norm_f.weight"] = source.take("ln_f.weight", (C,))
+    state["norm_f.bias"] = source.take("ln_f.bias", (C,))
+    source.take_head("lm_head.weight", config, state)
+    return state
+
+
+def _llama_config(hf: dict, source: str) -> GPTConfig:
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r}; expected silu")
+    # transformers 5 writes rope_parameters; earlier versions wrote rope_theta and rope_scaling.
+    rope_parameters = hf.get("rope_parameters") or {}
+    for rope in (rope_parameters, hf.get("rope_scaling") or {}):
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported; expected none "
+                                  "(rope_type 'default')")
+    # Our model has one switch for the biases of every projection, attention and MLP alike.
+    attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+    if attention_bias != mlp_bias:
+        raise CheckpointError(f"{source}: attention_bias {attention_bias} with mlp_bias {mlp_bias}; "
+                              "expected both true or both false")
+    n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        raise CheckpointError(f"{source}: head_dim {hf['head_dim']}; expected hidden_size / num_attention_heads")
+    return _make_config(
+        source,
+        vocab_size=_field(hf, "vocab_size", source),
+        n_layer=_field(hf, "num_hidden_layers", source),
+        n_head=n_head,
+        n_kv_heads=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
+        context_length=_field(hf, "max_position_embeddings", source),
+        intermediate_size=_field(hf, "intermediate_size", source),
+        positions="rope",
+        rope_theta=float(rope_parameters.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        mlp="swiglu",
+        bias=attention_bias,
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        architecture="llama",
+    )
+
+
+def _llama_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
+    """Per block: our name, the Hugging Face name, the GGUF name, and the shape (nn.Linear's (out, in))."""
+    C, I, D = config.n_embd, config.intermediate_size, config.head_dim
+    H, KV = config.n_head, config.kv_heads
+    return [
+        ("norm_1.weight", "input_layernorm.weight", "attn_norm.weight", (C,)),
+        ("attn.q_proj.weight", "self_attn.q_proj.weight", "attn_q.weight", (H * D, C)),
+        ("attn.k_proj.weight", "self_attn.k_proj.weight", "attn_k.weight", (KV * D, C)),
+        ("attn.v_proj.weight", "self_attn.v_proj.weight", "attn_v.weight", (KV * D, C)),
+        ("attn.o_proj.weight", "self_attn.o_proj.weight", "attn_output.weight", (C, H * D)),
+        ("norm_2.weight", "post_attention_layernorm.weight", "ffn_norm.weight", (C,)),
+        ("mlp.gate.weight", "mlp.gate_proj.weight", "ffn_gate.weight", (I, C)),
+        ("mlp.up.weight", "mlp.up_proj.weight", "ffn_up.weight", (I, C)),
+        ("mlp.down.weight", "mlp.down_proj.weight", "ffn_down.weight", (C, I)),
+    ]
+
+
+def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
+    layer = [(ours, theirs, shape) for ours, theirs, _, shape in _llama_layer(config)]
+    if config.bias:  # every projection has a bias as long as its output
+        layer += [(ours.replace(".weight", ".bias"), theirs.replace(".weight", ".bias"), shape[:1])
+                  for ours, theirs, shape in layer if "norm" not in ours]
+    state = {"wte.weight": source.take("model.embed_tokens.weight", (config.vocab_size, config.n_embd))}
+    for i in range(config.n_layer):
+        for ours, theirs, shape in layer:
+            state[f"blocks.{i}.{ours}"] = source.take(f"model.layers.{i}.{theirs}", shape)
+    state["norm_f.weight"] = source.take("model.norm.weight", (config.n_embd,))
+    source.take_head("lm_head.weight", config, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF files (llama.cpp): llama architecture, dequantized to float32.
+
+
+def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
+    path = Path(path)
+    reader = _open_gguf(path)
+    metadata = {key: field.contents() for key, field in reader.fields.items()
+                if key == "general.architecture" or key.startswith("llama.")}
+    architecture = metadata.get("general.architecture")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise CheckpointError(f"{path}: GGUF architecture {architecture!r} is not supported; "
+                              f"supported: {', '.join(GGUF_ARCHITECTURES)}")
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    # GGUF lists dimensions fastest-varying first (ggml's ne); torch's order is the reverse.
+    shapes = {name: tuple(int(n) for n in reversed(tensor.shape)) for name, tensor in tensors.items()}
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: per-frequency rope scaling (rope_freqs.weight) is not supported")
+    config = _gguf_llama_config(metadata, shapes, str(path))
+
+    def load(name: str) -> torch.Tensor:
+        tensor = tensors[name]
+        if tensor.tensor_type not in GGUF_TENSOR_TYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has type {tensor.tensor_type.name}; supported: "
+                                  f"{', '.join(kind.name for kind in GGUF_TENSOR_TYPES)}")
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        # A copy: the reader's arrays are views into the memory-mapped file.
+        return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shapes[name])
+
+    source = _Source(str(path), shapes, load)
+    state = {"wte.weight": source.take("token_embd.weight", (config.vocab_size, config.n_embd))}
+    for i in range(config.n_layer):
+        for ours, _, theirs, shape in _llama_layer(config):
+            weight = source.take(f"blk.{i}.{theirs}", shape)
+            if theirs == "attn_q.weight":
+                weight = _unpermute_rotary_rows(weight, config.n_head)
+            elif theirs == "attn_k.weight":
+                weight = _unpermute_rotary_rows(weight, config.kv_heads)
+            state[f"blocks.{i}.{ours}"] = weight
+    state["norm_f.weight"] = source.take("output_norm.weight", (config.n_embd,))
+    source.take_head("output.weight", config, state)
+    source.check_all_taken()
+    return config, state
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as error:
+        raise CheckpointError(f"cannot read GGUF file {path}: {error}") from error
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as error:
+        # The reader fails deep in numpy (a short view, a bad reshape): say what that means.
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({error})") from error
+
+
+def _gguf_llama_config(metadata: dict, shapes: dict[str, Shape], source: str) -> GPTConfig:
+    n_embd = _field(metadata, "llama.embedding_length", source)
+    n_head = _field(metadata, "llama.attention.head_count", source)
+    head_dim = n_embd // n_head
+    if metadata.get("llama.expert_count", 0):
+        raise CheckpointError(f"{source}: mixture-of-experts llama is not supported; expected a dense model")
+    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
+        if metadata.get(key, head_dim) != head_dim:
+            raise CheckpointError(f"{source}: {key} {metadata[key]}; expected the head size {head_dim}")
+    scaling = metadata.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported; expected none")
+    vocab_size = metadata.get("llama.vocab_size") or shapes.get("token_embd.weight", (0,))[0]
+    return _make_config(
+        source,
+        vocab_size=vocab_size,
+        n_layer=_field(metadata, "llama.block_count", source),
+        n_head=n_head,
+        n_kv_heads=metadata.get("llama.attention.head_count_kv", n_head),
+        n_embd=n_embd,
+        context_length=_field(metadata, "llama.context_length", source),
+        intermediate_size=_field(metadata, "llama.feed_forward_length", source),
+        positions="rope",
+        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+        norm="rmsnorm",
+        norm_eps=float(_field(metadata, "llama.attention.layer_norm_rms_epsilon", source)),
+        mlp="swiglu",
+        bias=False,
+        # llama.cpp's converter leaves output.weight out when the head shares the embedding.
+        tie_embeddings="output.weight" not in shapes,
+        architecture="llama",
+    )
+
+
+def _unpermute_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's reordering of attn_q / attn_k rows, back to Hugging Face's order.
+
+    Hugging Face rotates each head's two halves together (x[j] with x[j + D/2]); ggml rotates adjacent pairs
+    (x[2j] with x[2j + 1]). The converter therefore interleaves the halves of every head's rows, [a0 .. a(D/2-1),
+    b0 .. b(D/2-1)] -> [a0, b0, a1, b1, ...]; our rotate_half RoPE needs them back in halves.
+    """
+    out_features, in_features = weight.shape
+    D = out_features // n_heads
+    pairs = weight.view(n_heads, D // 2, 2, in_features)  # (heads, D/2, pair, in): as stored
+    return pairs.transpose(1, 2).reshape(out_features, in_features)  # (heads, half, D/2, in) flattened
