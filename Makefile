@@ -21,7 +21,7 @@ protos:
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
 serve: $(INSTALLED)
-	$(BIN)/gptserve generate --model smollm2-135m-instruct --chat "What is the capital of France?"
+	$(BIN)/gptserve serve --model smollm2-135m-instruct --metrics-port 9464
 
 test: $(INSTALLED)
 	$(BIN)/pytest -q

@@ -87,6 +87,88 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0 if manifest["parity"]["passed"] else 1
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from service.artifacts import ensure_artifact
+    from service.client import read_token
+    from service.engine import Engine
+    from service.server import ServerConfig, serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    folder = ensure_artifact(args.artifacts, args.model)
+    config = ServerConfig(
+        host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        max_unread_tokens=args.max_unread_tokens, default_max_new_tokens=args.default_max_new_tokens,
+        max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
+        tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
+        metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
+    )
+    return asyncio.run(serve(config, lambda: Engine.load(folder, args.provider, args.threads)))
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from service.client import run_client as stream_to_terminal
+
+    return stream_to_terminal(args)
+
+
+def run_bench_serve(args: argparse.Namespace) -> int:
+    from service.artifacts import ensure_artifact
+    from service.bench import run_bench
+
+    return run_bench(ensure_artifact(args.artifacts, args.model), args)
+
+
+def add_service_commands(commands) -> None:
+    """serve, client and bench-serve: the gRPC server and its two callers."""
+    serve = commands.add_parser("serve", help="serve an artifact over gRPC (exporting --model first if needed)")
+    serve.add_argument("--artifacts", help="artifact folder; with --model and no artifact there, exported into it")
+    serve.add_argument("--model", default=DEFAULT_MODEL,
+                       help="model spec to export when there is no artifact (cached under ~/.cache/gptserve)")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use TLS and a token)")
+    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences stepped together")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-unread-tokens", type=int, default=256,
+                       help="a stream whose client has this many tokens unread is paused until it reads")
+    serve.add_argument("--default-max-new-tokens", type=int, default=256, help="when a request does not say")
+    serve.add_argument("--max-stop-strings", type=int, default=16)
+    serve.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request or response message")
+    serve.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
+    serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--tls-cert", help="PEM certificate chain file: serve over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", help="PEM private key file")
+    serve.add_argument("--auth-token-file", help="require 'authorization: Bearer TOKEN' with the token in this "
+                                                 "file (default: $GPTSERVE_AUTH_TOKEN if set, else no token)")
+    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port; 0 = off")
+    serve.add_argument("--metrics-host", default="127.0.0.1")
+    serve.add_argument("--grace-seconds", type=float, default=10.0,
+                       help="on SIGTERM/SIGINT, how long streams in flight may take to finish")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(run=run_serve)
+
+    client = commands.add_parser("client", help="stream a generation from a running server to the terminal")
+    add_request_flags(client)
+    client.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    client.add_argument("--token-file", help="bearer token file (default: $GPTSERVE_AUTH_TOKEN)")
+    client.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    client.add_argument("--tls-ca", help="TLS, trusting this PEM certificate (e.g. the server's self-signed one)")
+    client.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    client.set_defaults(run=run_client)
+
+    bench = commands.add_parser("bench-serve", help="load-test the gRPC server against the in-process engine")
+    bench.add_argument("--artifacts", help="artifact folder (default: the cached export of --model)")
+    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
+    bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
+    bench.add_argument("--rounds", type=int, default=2, help="requests per stream at each concurrency")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--json", help="also write the figures to this JSON file")
+    bench.set_defaults(run=run_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT models on ONNX Runtime, served over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show an artifact's manifest and parity report")
     inspect.add_argument("artifacts")
     inspect.set_defaults(run=run_inspect)
+
+    add_service_commands(commands)
     return parser
 
 

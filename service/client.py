@@ -1,0 +1,157 @@
+"""A small client for programs (`GenerationClient`) and the `gptserve client` command that streams to a terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gptserve.v1 import generation_pb2 as pb
+from gptserve.v1 import generation_pb2_grpc as pb_grpc
+
+TOKEN_ENVIRONMENT = "GPTSERVE_AUTH_TOKEN"
+FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: list[dict] | None = None,
+    prompt_token_ids: list[int] | None = None,
+    request_id: str = "",
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | tuple[str, ...] = (),
+    ignore_eos: bool = False,
+    return_logprobs: bool = False,
+) -> pb.GenerateRequest:
+    """A GenerateRequest from plain values; None leaves a field unset (the server's default)."""
+    if sum(value is not None for value in (prompt, messages, prompt_token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
+    request = pb.GenerateRequest(request_id=request_id, return_logprobs=return_logprobs)
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        request.messages.messages.extend(pb.ChatMessage(role=item["role"], content=item["content"]) for item in messages)
+    else:
+        request.prompt_token_ids.ids.extend(prompt_token_ids)
+    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                "repetition_penalty": repetition_penalty, "seed": seed}
+    request.sampling.CopyFrom(pb.SamplingParameters(**{k: v for k, v in sampling.items() if v is not None}))
+    request.stopping.CopyFrom(pb.StoppingCriteria(stop=list(stop), ignore_eos=ignore_eos))
+    if max_new_tokens is not None:
+        request.stopping.max_new_tokens = max_new_tokens
+    return request
+
+
+class GenerationClient:
+    """A blocking client over one channel. With `root_certificates` (PEM bytes) or `tls=True` it uses TLS;
+    `token` is sent as `authorization: Bearer TOKEN`."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
+                 root_certificates: bytes | None = None, tls: bool = False, timeout: float | None = None,
+                 options: list[tuple[str, object]] | None = None) -> None:
+        if root_certificates is not None or tls:
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.TextGenerationStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def stream(self, prompt: str | None = None, **options) -> Iterator[pb.GenerateStreamResponse]:
+        """The stream's messages as they arrive; `options` as for `build_request`. Closing the iterator early
+        (or `.cancel()` on it) cancels the request on the server."""
+        return self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
+                                        metadata=self.metadata)
+
+    def generate(self, prompt: str | None = None, **options) -> pb.GenerateResponse:
+        return self.stub.Generate(build_request(prompt, **options), timeout=self.timeout, metadata=self.metadata)
+
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest()
+        if messages is not None:
+            request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        else:
+            request.prompt = prompt or ""
+        return self.stub.Tokenize(request, timeout=self.timeout, metadata=self.metadata)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def health(self, service: str = "") -> str:
+        """"SERVING", "NOT_SERVING", ... of the standard health service."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 300.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        watch = self.health_stub.Watch(health_pb2.HealthCheckRequest(), timeout=timeout)
+        for response in watch:
+            if response.status == health_pb2.HealthCheckResponse.SERVING:
+                watch.cancel()
+                return
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "GenerationClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_token(token_file: str | None) -> str | None:
+    """From a file (kept out of the process list and shell history), else from $GPTSERVE_AUTH_TOKEN."""
+    if token_file:
+        return Path(token_file).read_text().strip()
+    return os.environ.get(TOKEN_ENVIRONMENT) or None
+
+
+def run_client(args) -> int:
+    """`gptserve client`: streams the reply to the terminal as tokens arrive."""
+    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+    )
+    if args.chat:
+        options["messages"] = [{"role": "user", "content": args.prompt}]
+    else:
+        options["prompt"] = args.prompt
+    with GenerationClient(args.target, token=read_token(args.token_file), root_certificates=root,
+                          tls=args.tls, timeout=args.timeout) as client:
+        try:
+            if args.json:
+                response = client.generate(**options)
+                print(json.dumps({"request_id": response.request_id, "text": response.text,
+                                  "token_ids": list(response.token_ids),
+                                  "finish_reason": FINISH_REASON_NAMES.get(response.finish_reason),
+                                  "prompt_tokens": response.usage.prompt_tokens,
+                                  "completion_tokens": response.usage.completion_tokens,
+                                  "time_to_first_token_s": response.timings.time_to_first_token_seconds,
+                                  "total_s": response.timings.total_seconds}))
+                return 0
+            last = None
+            for last in client.stream(**options):
+                for token in last.tokens:
+                    print(token.text, end="", flush=True)
+            print(f"\n[{FINISH_REASON_NAMES.get(last.finish_reason)}: {last.usage.completion_tokens} tokens, "
+                  f"first token {last.timings.time_to_first_token_seconds * 1000:.0f} ms, "
+                  f"total {last.timings.total_seconds:.2f} s]", file=sys.stderr)
+        except grpc.RpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,396 @@
+"""The gRPC server on grpc.aio: a thin servicer over the scheduler, plus health, reflection, TLS, a bearer-token
+check, Prometheus metrics and graceful shutdown.
+
+Deployment: both TLS (`tls_cert_file`/`tls_key_file`) and the bearer token (`auth_token`) are off by default,
+which suits a server bound to 127.0.0.1. Anything reachable from other machines should turn both on: the token
+travels in the `authorization: Bearer TOKEN` metadata and is only secret over TLS. The health service answers
+without a token, so load balancers and orchestrators can probe it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from export.artifact import format_report
+from gptserve.v1 import generation_pb2 as pb
+from gptserve.v1 import generation_pb2_grpc as pb_grpc
+from service.api import (
+    FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, tokens_to_proto, usage_to_proto,
+)
+from service.errors import NotServing, Unauthenticated, status_for
+from service.metrics import Metrics
+from service.scheduler import RequestHandle, Scheduler
+
+log = logging.getLogger("gptserve.server")
+request_log = logging.getLogger("gptserve.requests")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    max_batch_size: int = 8
+    max_queue: int = 64
+    # A paused sequence waits for its client past this many unread tokens (see service/scheduler.py).
+    max_unread_tokens: int = 256
+    default_max_new_tokens: int = 256
+    max_stop_strings: int = 16
+    max_message_bytes: int = 1 << 20  # of one request or response message
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    auth_token: str | None = None
+    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    metrics_host: str = "127.0.0.1"
+    grace_seconds: float = 10.0  # streams in flight get this long to finish on shutdown
+
+
+@dataclass
+class Backend:
+    """What exists once the model is loaded."""
+
+    engine: object
+    scheduler: Scheduler
+    limits: Limits
+
+
+@dataclass
+class _Call:
+    """One RPC's outcome, for the metrics and the request log line."""
+
+    method: str
+    started: float
+    code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # what is left when the client goes away mid-call
+    message: str = ""
+    request: GenerationRequest | None = None
+    handle: RequestHandle | None = None
+
+
+class GenerationServicer(pb_grpc.TextGenerationServicer):
+    """Protobuf in, checked request to the scheduler, tokens back out. No generation logic lives here."""
+
+    def __init__(self, metrics: Metrics, config: ServerConfig) -> None:
+        self.metrics, self.config = metrics, config
+        self.backend: Backend | None = None
+        # Generation calls in flight, so a graceful shutdown knows when the last one has finished.
+        self.generating = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def _ready(self) -> Backend:
+        if self.backend is None:
+            raise NotServing("the model is still loading; retry shortly")
+        return self.backend
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
+        call = _Call(method, time.perf_counter())
+        generation = method.startswith("Generate")
+        if generation:
+            self.generating += 1
+            self.idle.clear()
+        try:
+            yield call
+            call.code = grpc.StatusCode.OK
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            past_deadline = remaining is not None and remaining <= 0
+            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
+            raise
+        except Exception as error:
+            call.code, call.message = status_for(error)
+            await context.abort(call.code, call.message)
+        finally:
+            if call.handle is not None:
+                call.handle.cancel()  # frees the slot at the next step if the request is still running
+            self.metrics.requests.labels(method, call.code.name).inc()
+            if generation:
+                self._log_request(call, context)
+                self.generating -= 1
+                if not self.generating:
+                    self.idle.set()
+
+    def _log_request(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
+        fields = {"method": call.method, "code": call.code.name, "peer": context.peer()}
+        if call.message:
+            fields["message"] = call.message
+        if call.request is not None:
+            fields.update(request_id=call.request.request_id, prompt_tokens=len(call.request.prompt_ids))
+        if call.handle is not None:
+            sequence, timings = call.handle.sequence, call.handle.timings()
+            fields.update(
+                completion_tokens=len(sequence.token_ids),
+                finish_reason=sequence.finish_reason.value if sequence.finish_reason else None,
+                queue_s=round(timings.queue, 4), ttft_s=round(timings.time_to_first_token, 4),
+                total_s=round(timings.total, 4),
+            )
+            self.metrics.request_duration.observe(timings.total)
+        request_log.info(json.dumps(fields))
+
+    async def Generate(self, message: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        async with self._rpc("Generate", context) as call:
+            backend = self._ready()
+            call.request = request = parse_generate_request(message, backend.engine.tokenizer, backend.limits)
+            call.handle = handle = backend.scheduler.submit(request)
+            async for _ in handle.updates():
+                pass
+            sequence = handle.sequence
+            return pb.GenerateResponse(
+                request_id=request.request_id, text=sequence.text, token_ids=sequence.token_ids,
+                finish_reason=FINISH_REASONS[sequence.finish_reason],
+                usage=usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)),
+                timings=handle.timings().to_proto(),
+                logprobs=sequence.logprobs if request.return_logprobs else [],
+            )
+
+    async def GenerateStream(self, message: pb.GenerateRequest, context):
+        async with self._rpc("GenerateStream", context) as call:
+            backend = self._ready()
+            call.request = request = parse_generate_request(message, backend.engine.tokenizer, backend.limits)
+            call.handle = handle = backend.scheduler.submit(request)
+            # Every token that arrived while the previous message was being written goes out in one message,
+            # so a slow reader gets fewer, larger messages rather than a growing backlog.
+            async for events, done in handle.updates():
+                response = pb.GenerateStreamResponse(
+                    request_id=request.request_id, tokens=tokens_to_proto(events, request.return_logprobs))
+                if done:
+                    sequence = handle.sequence
+                    response.finish_reason = FINISH_REASONS[sequence.finish_reason]
+                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
+                    response.timings.CopyFrom(handle.timings().to_proto())
+                yield response
+
+    async def Tokenize(self, message: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        async with self._rpc("Tokenize", context):
+            backend = self._ready()
+            ids, text = parse_input(message, backend.engine.tokenizer, backend.limits.vocab_size)
+            return pb.TokenizeResponse(token_ids=ids, rendered_prompt=text)
+
+    async def GetModelInfo(self, message: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        async with self._rpc("GetModelInfo", context):
+            backend = self._ready()
+            engine, scheduler, manifest = backend.engine, backend.scheduler, backend.engine.manifest
+            return pb.ModelInfo(
+                model_name=manifest["model"]["name"],
+                architecture=manifest["model"]["config"].get("architecture", ""),
+                context_length=engine.context_length,
+                vocab_size=engine.vocab_size,
+                precision=manifest.get("precision", ""),
+                execution_provider=engine.execution_provider,
+                parity_report=format_report(manifest["parity"]),
+                parity_passed=bool(manifest["parity"]["passed"]),
+                max_batch_size=scheduler.max_batch_size,
+                max_queue=scheduler.max_queue,
+                default_max_new_tokens=backend.limits.default_max_new_tokens,
+                max_stop_strings=backend.limits.max_stop_strings,
+                active_sequences=scheduler.active_count,
+                queued_requests=scheduler.queued_count,
+            )
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every RPC but health checks unless its metadata carries `authorization: Bearer TOKEN`."""
+
+    def __init__(self, token: str, metrics: Metrics) -> None:
+        self._expected = f"Bearer {token}".encode()
+        self.metrics = metrics
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
+            return handler
+        supplied = dict(details.invocation_metadata or ()).get("authorization", "")
+        # Constant-time comparison: the time taken says nothing about how much of the token matched.
+        if hmac.compare_digest(str(supplied).encode(), self._expected):
+            return handler
+        self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+        return _refusal(handler, Unauthenticated("missing or wrong bearer token: send metadata "
+                                                 "'authorization: Bearer TOKEN'"))
+
+
+def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only fails with `error`'s status."""
+    code, message = status_for(error)
+
+    async def refuse(request, context):
+        await context.abort(code, message)
+
+    async def refuse_stream(request, context):
+        await context.abort(code, message)
+        yield  # never reached; makes this an async generator, as streaming handlers are
+
+    serialization = {"request_deserializer": handler.request_deserializer,
+                     "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **serialization)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serialization)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **serialization)
+    return grpc.unary_unary_rpc_method_handler(refuse, **serialization)
+
+
+class GenerationServer:
+    """One server's life: start (listening at once, NOT_SERVING), load the model off the event loop, serve,
+    stop gracefully. `load_engine` returns a loaded `service.engine.Engine` (or anything with its interface)."""
+
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], object], metrics: Metrics | None = None):
+        self.config, self.load_engine = config, load_engine
+        self.metrics = metrics or Metrics()
+        self.servicer = GenerationServicer(self.metrics, config)
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_http = None
+        self._loading: asyncio.Task | None = None
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.servicer.backend
+
+    async def start(self) -> None:
+        config = self.config
+        self.health = HealthServicer()
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        interceptors = [BearerTokenInterceptor(config.auth_token, self.metrics)] if config.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared port
+        ])
+        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert_file or config.tls_key_file:
+            if not (config.tls_cert_file and config.tls_key_file):
+                raise ValueError("TLS needs both a certificate file and a key file")
+            credentials = grpc.ssl_server_credentials(
+                [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        if config.metrics_port is not None:
+            self._metrics_http = self.metrics.serve_http(config.metrics_port, config.metrics_host)
+            self.metrics_port = self._metrics_http.server_port
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> None:
+        config = self.config
+        engine = await asyncio.to_thread(self.load_engine)  # seconds of file hashing and the canary
+        scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens)
+        scheduler.start()
+        limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
+                        config.max_stop_strings)
+        self.servicer.backend = Backend(engine, scheduler, limits)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s (%s)", engine.manifest["model"]["name"], engine.execution_provider,
+                 f"{config.host}:{self.port}")
+
+    async def wait_ready(self) -> None:
+        """Returns once the model is loaded; raises what loading it raised."""
+        await self._loading
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new requests, let generations in flight finish within `grace` seconds, then end."""
+        grace = self.config.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        backend = self.backend
+        if backend is not None:
+            backend.scheduler.close()  # new generation requests get UNAVAILABLE from here on
+        # Waiting on our own generation calls, not on every RPC as grpc's stop(grace) does: a health Watch
+        # stream never ends by itself and would hold every shutdown for the whole grace period.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.servicer.idle.wait(), grace)
+        await self.server.stop(0)
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if backend is not None:
+            await asyncio.to_thread(backend.scheduler.stop)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
+    """The `gptserve serve` process: runs until SIGTERM or SIGINT, then shuts down gracefully. Its exit status."""
+    server = GenerationServer(config, load_engine)
+    await server.start()
+    scheme = "grpcs" if config.tls_cert_file else "grpc"
+    log.info("listening on %s://%s:%d (NOT_SERVING until the model is loaded)%s", scheme, config.host, server.port,
+             f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
+    stop_requested = asyncio.create_task(stopping.wait())
+    await asyncio.wait([server._loading, stop_requested], return_when=asyncio.FIRST_COMPLETED)
+    if server._loading.done() and server._loading.exception() is not None:
+        log.error("could not load the model: %s", server._loading.exception())
+        stop_requested.cancel()
+        await server.stop(0)
+        return 1
+    await stop_requested
+    log.info("shutting down: NOT_SERVING, refusing new requests, %.0f s for streams in flight",
+             config.grace_seconds)
+    await server.stop()
+    log.info("stopped")
+    return 0
+
+
+class BackgroundServer:
+    """A GenerationServer on its own event loop in a thread, for programs and tests that are not asyncio."""
+
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], object]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="gptserve-server", daemon=True)
+        self.server = GenerationServer(config, load_engine)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.server.metrics
+
+    def _run(self, coroutine, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self, timeout: float = 300.0) -> "BackgroundServer":
+        self._thread.start()
+        self._run(self.server.start(), timeout)
+        self._run(self.server.wait_ready(), timeout)
+        return self
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.loop.is_running():
+            self._run(self.server.stop(grace))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join()
+            self.loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

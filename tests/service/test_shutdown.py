@@ -1,0 +1,97 @@
+"""Graceful shutdown: health goes NOT_SERVING, new requests are refused, streams in flight finish. And the real
+`gptserve serve` process: client command, metrics endpoint, request log, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gptserve.v1 import generation_pb2 as pb
+from service.client import GenerationClient
+from service.server import BackgroundServer, ServerConfig
+from tests.service.support import wait_for
+
+
+def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_engine):
+    server = BackgroundServer(ServerConfig(port=0, grace_seconds=30), lambda: default_engine).start()
+    with GenerationClient(f"127.0.0.1:{server.port}", timeout=60) as client:
+        statuses = []
+        watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest())
+
+        def follow_health():
+            try:
+                for response in watch:
+                    statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+            except grpc.RpcError:
+                pass  # the server closes the watch when it stops
+
+        threading.Thread(target=follow_health, daemon=True).start()
+        stream = client.stream("Tell me about the sea.", max_new_tokens=40, ignore_eos=True)
+        first = next(stream)
+        stopping = threading.Thread(target=server.stop, kwargs={"grace": 30})
+        started = time.perf_counter()
+        stopping.start()
+        wait_for(lambda: "NOT_SERVING" in statuses)
+        with pytest.raises(grpc.RpcError) as caught:
+            client.generate("A new request", max_new_tokens=4)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = list(stream)
+        assert sum(len(message.tokens) for message in [first, *rest]) == 40
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        stopping.join(30)
+        assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
+        assert statuses[0] == "SERVING"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gptserve(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "gptserve", *arguments]
+
+
+def test_serve_command_client_command_metrics_and_sigterm(tiny_artifact):
+    port, metrics_port = free_port(), free_port()
+    environment = {**os.environ, "GPTSERVE_AUTH_TOKEN": ""}
+    server = subprocess.Popen(
+        gptserve("serve", "--artifacts", str(tiny_artifact), "--port", str(port), "--metrics-port", str(metrics_port),
+                 "--provider", "cpu", "--grace-seconds", "5"),
+        stderr=subprocess.PIPE, text=True, env=environment)
+    try:
+        with GenerationClient(f"127.0.0.1:{port}", timeout=30) as client:
+            client.wait_until_serving(timeout=120)
+        called = subprocess.run(gptserve("client", "Hello there", "--target", f"127.0.0.1:{port}",
+                                         "--max-new-tokens", "6", "--ignore-eos"),
+                                capture_output=True, text=True, timeout=60, env=environment)
+        assert called.returncode == 0, called.stderr
+        assert "[length: 6 tokens" in called.stderr
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert 'gptserve_requests_total{code="OK",method="GenerateStream"} 1.0' in metrics
+        assert "gptserve_generated_tokens_total 6.0" in metrics
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stderr.read()
+    request_lines = [json.loads(line.split("gptserve.requests ", 1)[1]) for line in log.splitlines()
+                     if "gptserve.requests " in line]
+    assert len(request_lines) == 1, log
+    line = request_lines[0]
+    assert line["code"] == "OK" and line["completion_tokens"] == 6 and line["finish_reason"] == "length"
+    assert {"request_id", "prompt_tokens", "ttft_s", "total_s", "queue_s"} <= set(line)
+    assert "shutting down" in log
