@@ -38,9 +38,13 @@ def graph_contract(n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int
     }
 
 
-def empty_past(graph: dict, batch_size: int, dtype=np.float32) -> list[np.ndarray]:
+def kv_dtype(graph: dict) -> np.dtype:
+    return np.dtype(graph["inputs"][-1]["dtype"])
+
+
+def empty_past(graph: dict, batch_size: int) -> list[np.ndarray]:
     shape = (batch_size, graph["n_kv_heads"], 0, graph["head_dim"])
-    return [np.zeros(shape, dtype=dtype) for _ in range(2 * graph["n_layer"])]
+    return [np.zeros(shape, dtype=kv_dtype(graph)) for _ in range(2 * graph["n_layer"])]
 
 
 def feed(graph: dict, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> dict:

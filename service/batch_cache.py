@@ -9,6 +9,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def on_host(tensor) -> np.ndarray:
+    """KV tensors are numpy on CPU, or device OrtValues on CUDA: regrouping a batch works on host copies."""
+    return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+
+
 class BatchCache:
     """past: flat per-layer [key, value, ...], each (B, KV, P, D); mask: (B, P), 1 where a row has a token."""
 
@@ -34,7 +39,8 @@ class BatchCache:
         caches = [cache for cache in caches if cache is not None and cache.size]
         width = max(cache.length for cache in caches)
         padded = [cache._pad_left(width - cache.length) for cache in caches]
-        past = [np.concatenate(tensors, axis=0) for tensors in zip(*(cache.past for cache in padded))]
+        past = [np.concatenate([on_host(tensor) for tensor in tensors], axis=0)
+                for tensors in zip(*(cache.past for cache in padded))]
         return BatchCache(past, np.concatenate([cache.mask for cache in padded], axis=0))
 
     def select(self, rows: list[int]) -> "BatchCache":
@@ -42,10 +48,10 @@ class BatchCache:
         mask = self.mask[rows]
         used = np.flatnonzero(mask.any(axis=0))
         start = int(used[0]) if len(used) else mask.shape[1]
-        return BatchCache([tensor[rows, :, start:] for tensor in self.past], mask[:, start:])
+        return BatchCache([on_host(tensor)[rows, :, start:] for tensor in self.past], mask[:, start:])
 
     def _pad_left(self, columns: int) -> "BatchCache":
         if not columns:
             return self
-        past = [np.pad(tensor, ((0, 0), (0, 0), (columns, 0), (0, 0))) for tensor in self.past]
+        past = [np.pad(on_host(tensor), ((0, 0), (0, 0), (columns, 0), (0, 0))) for tensor in self.past]
         return BatchCache(past, np.pad(self.mask, ((0, 0), (columns, 0))))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from export.artifact import ArtifactError, read_manifest, verify_files
-from export.contract import empty_past, feed
+from export.contract import empty_past, feed, past_names, present_names
 from export.runtime import create_session
 from model.tokenizer import Tokenizer
 
@@ -24,9 +24,12 @@ class Engine:
         self.context_length = manifest["generation"]["context_length"]
         self.vocab_size = self.graph["vocab_size"]
         self.execution_provider = session.get_providers()[0]
+        self.on_device = self.execution_provider == "CUDAExecutionProvider"
+        self.device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
 
     @classmethod
-    def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None) -> "Engine":
+    def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, device_id: int = 0,
+             gpu_mem_limit: int | None = None) -> "Engine":
         """Verifies every file's sha256, opens the session and re-runs the start-up canary."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -34,7 +37,7 @@ class Engine:
         if not manifest["parity"]["passed"]:
             raise ArtifactError(f"{folder}: its parity certification did not pass; refusing to serve it")
         try:
-            session = create_session(folder / manifest["graph"]["file"], provider, threads)
+            session = create_session(folder / manifest["graph"]["file"], provider, threads, device_id, gpu_mem_limit)
         except Exception as error:  # onnxruntime raises its own untyped failures for unreadable graphs
             raise ArtifactError(f"{folder}: ONNX Runtime cannot load the graph: {error}") from error
         _check_contract(folder, manifest["graph"], session)
@@ -50,9 +53,29 @@ class Engine:
         Returns all logits (B, T, V) and the present, in the same flat layout with P+T positions."""
         if past is None:
             past = self.empty_past(input_ids.shape[0])
+        if self.on_device:
+            return self._forward_on_device(input_ids, attention_mask, past)
         # On CPU, run() hands back its output buffers without a copy, so the KV cache stays numpy.
         logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past))
         return logits, present
+
+    def _forward_on_device(self, input_ids, attention_mask, past):
+        """CUDA: the presents stay on the GPU as OrtValues and come back as the next step's past (IO binding);
+        only the logits cross to the host for sampling. Numpy pasts (new or regrouped batches) are uploaded."""
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        for name, tensor in zip(past_names(self.graph["n_layer"]), past):
+            if isinstance(tensor, np.ndarray):
+                binding.bind_cpu_input(name, tensor)
+            else:
+                binding.bind_ortvalue_input(name, tensor)
+        binding.bind_output("logits", "cpu")
+        for name in present_names(self.graph["n_layer"]):
+            binding.bind_output(name, "cuda", self.device_id)
+        self.session.run_with_iobinding(binding)
+        logits, *present = binding.get_outputs()
+        return logits.numpy(), present
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
         """A generation step: the last position's logits (B, V) and the present."""

@@ -71,6 +71,17 @@ def greedy_decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return prefill_logits, torch.cat(tokens, dim=1), torch.cat(decode_logits, dim=1)
 
 
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, longest prompt): rows right-aligned, padding (id 0) on the left."""
+    width = max(map(len, prompts))
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt):] = torch.as_tensor(prompt)
+        attention_mask[row, width - len(prompt):] = 1
+    return input_ids, attention_mask
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
@@ -149,13 +160,8 @@ def test_cached_decode_matches_transformers_and_recompute(hf_pair):
 @torch.no_grad()
 def test_left_padded_batch_matches_rows_alone(hf_pair):
     _, ours = hf_pair
-    lengths = [PROMPT_LENGTH, 5, 2]
-    prompts = [random_ids(1, length, seed=10 + length)[0] for length in lengths]
-    input_ids = torch.zeros(len(prompts), PROMPT_LENGTH, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, PROMPT_LENGTH - len(prompt):] = prompt
-        attention_mask[row, PROMPT_LENGTH - len(prompt):] = 1
+    prompts = [random_ids(1, length, seed=10 + length)[0] for length in (PROMPT_LENGTH, 5, 2)]
+    input_ids, attention_mask = left_pad(prompts)
     batch_prefill, batch_tokens, batch_decode = greedy_decode(ours, input_ids, attention_mask, DECODE_STEPS)
 
     for row, prompt in enumerate(prompts):
@@ -271,6 +277,7 @@ def test_unsupported_tensor_type_is_named(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # The default model (SmolLM2-135M-Instruct, Q4_1/Q8_0 GGUF) against transformers' own GGUF loading.
 
+DEFAULT_STEPS = 32
 DEFAULT_PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    ",
@@ -292,21 +299,21 @@ def default_models(default_gguf):
 def test_default_gguf_matches_transformers(default_models):
     ours, reference, tokenizer = default_models
     assert ours.config.n_layer == 30 and ours.config.kv_heads == 3 and ours.config.tie_embeddings
-    for prompt in DEFAULT_PROMPTS:
-        input_ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-        prefill_logits, tokens, decode_logits = greedy_decode(ours, input_ids, torch.ones_like(input_ids), 32)
-        assert max_diff(prefill_logits, reference(input_ids).logits) <= 1e-4, prompt
-
-        # transformers' own greedy loop on its own KV cache.
-        output = reference(input_ids, use_cache=True)
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in DEFAULT_PROMPTS]
+    # Ours runs the prompts as one left-padded batch; transformers runs each alone, on its own KV cache.
+    input_ids, attention_mask = left_pad(prompts)
+    prefill_logits, tokens, decode_logits = greedy_decode(ours, input_ids, attention_mask, DEFAULT_STEPS)
+    for row, prompt in enumerate(prompts):
+        output = reference(torch.tensor([prompt]), use_cache=True)
+        assert max_diff(prefill_logits[row, -len(prompt):], output.logits[0]) <= 1e-4, DEFAULT_PROMPTS[row]
         reference_tokens, reference_decode_logits = [], []
-        for _ in range(32):
-            token = output.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(DEFAULT_STEPS):
+            token = output.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
             output = reference(token, past_key_values=output.past_key_values, use_cache=True)
-            reference_tokens.append(token)
-            reference_decode_logits.append(output.logits)
-        assert torch.equal(tokens, torch.cat(reference_tokens, dim=1)), prompt
-        assert max_diff(decode_logits, torch.cat(reference_decode_logits, dim=1)) <= 1e-4, prompt
+            reference_tokens.append(token[0])
+            reference_decode_logits.append(output.logits[0])
+        assert torch.equal(tokens[row], torch.cat(reference_tokens)), DEFAULT_PROMPTS[row]
+        assert max_diff(decode_logits[row], torch.cat(reference_decode_logits)) <= 1e-4, DEFAULT_PROMPTS[row]
 
 
 # ---------------------------------------------------------------------------------------------------------------
