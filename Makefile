@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/gptserve/v1/*.proto)
 
-.PHONY: serve test bench install protos clean
+.PHONY: serve test test-deps bench install protos clean
 
 install: $(INSTALLED)
 
@@ -23,8 +23,22 @@ protos:
 serve: $(INSTALLED)
 	$(BIN)/gptserve serve --model smollm2-135m-instruct --metrics-port 9464
 
-test: $(INSTALLED)
+test: test-deps $(INSTALLED)
 	$(BIN)/pytest -q
+
+# System packages the tests use: nginx for the load-balancer test (tests/deploy). Installed only where missing,
+# never prompting (CI has no stdin); without root or password-less sudo, or without apt, that test skips instead.
+test-deps:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; \
+	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \
+	else echo "test-deps: nginx is missing and this user cannot install it (no root, no sudo): the load-balancer test will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then echo "test-deps: nginx is missing and there is no apt-get: the load-balancer test will skip"; exit 0; fi; \
+	echo "test-deps: installing nginx with apt-get"; \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+	&& { $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx-light \
+	  || $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx; } \
+	|| echo "test-deps: could not install nginx: the load-balancer test will skip"
 
 clean:
 	rm -rf $(VENV) gptserve/v1

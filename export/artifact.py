@@ -99,6 +99,10 @@ def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_
 def format_report(report: dict) -> str:
     lines = [f"parity ({report['precision']} vs {report['reference']}, on {report['runtime']}): "
              f"{'PASSED' if report['passed'] else 'FAILED'}; criteria {report['criteria']}"]
+    if "perplexity" in report:
+        ppl = report["perplexity"]
+        lines.append(f"  top-1 agreement {report['top1_agreement']:.4f}; perplexity on {ppl['text']} "
+                     f"{ppl['measured']:.3f} vs {ppl['reference']:.3f} (ratio {ppl['ratio']:.3f})")
     for case in report["cases"]:
         lines.append(f"  {case['case']:<24} max abs diff {case['max_abs_diff']:.3e}  "
                      f"top-1 agreement {case['top1_agreement']:.4f}  greedy {'match' if case['greedy_match'] else 'DIFFER'}")

@@ -18,7 +18,8 @@ from export.artifact import (
     FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
 )
 from export.contract import graph_contract, past_names, present_names
-from export.parity import certify_fp32
+from export.parity import CANARY_TEXT, certify
+from export.quantize import PRECISIONS, convert
 from export.runtime import create_session
 from model.gpt import GPT
 from model.spec import Pretrained, load_pretrained
@@ -65,15 +66,38 @@ def export_graph(model: GPT, path: Path) -> None:
     program.save(path, external_data=weight_bytes > SINGLE_FILE_LIMIT)
 
 
-def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None) -> dict:
+def source_is_quantized(source: Path) -> bool:
+    from model.tokenizer import read_gguf_metadata
+
+    # GGUF file types 0 and 1 are all-F32 and mostly-F16; every other type holds quantized blocks.
+    return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)
+
+
+def check_structure(path: Path, graph: dict) -> dict:
+    """fp16 is meant for GPUs and none is here: check the graph itself and its contract, not its numbers."""
+    onnx.checker.check_model(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    dtypes = {value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+              for value in [*model.graph.input, *model.graph.output]}
+    mismatches = [spec["name"] for spec in graph["inputs"] + graph["outputs"] if dtypes.get(spec["name"]) != spec["dtype"]]
+    return {"precision": "fp16", "reference": "none: certified structurally (no GPU to run it on)",
+            "runtime": "onnx.checker", "criteria": {"structure": "valid ONNX, contract names and dtypes"},
+            "cases": [], "contract_mismatches": mismatches, "passed": not mismatches}
+
+
+def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None,
+                   precision: str = "fp32", criteria: dict | None = None) -> dict:
     """Writes the artifact into `out` (replacing what is there only once the new one is certified)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     config = pretrained.config
     if context_length:
         config = config.replace(context_length=min(context_length, config.context_length))
     model = pretrained.build()
     model.config = config
     tokenizer = pretrained.tokenizer
-    graph = graph_contract(config.n_layer, config.kv_heads, config.head_dim, config.vocab_size)
+    graph = graph_contract(config.n_layer, config.kv_heads, config.head_dim, config.vocab_size,
+                           kv_dtype="float16" if precision == "fp16" else "float32")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
@@ -81,10 +105,24 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
         started = time.perf_counter()
         progress(f"exporting {pretrained.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
                  f"to ONNX opset {OPSET}")
-        export_graph(model, staging / GRAPH_FILE)
-        progress(f"exported in {time.perf_counter() - started:.0f} s; certifying parity on ONNX Runtime CPU")
-        session = create_session(staging / GRAPH_FILE, provider="cpu")
-        report, canary = certify_fp32(model, session, graph, tolerance)
+        graph_path = staging / GRAPH_FILE
+        if precision == "fp32":
+            export_graph(model, graph_path)
+            quantization = None
+        else:
+            fp32_folder = Path(tempfile.mkdtemp(dir=scratch))
+            export_graph(model, fp32_folder / GRAPH_FILE)
+            progress(f"converting to {precision}")
+            quantization = convert(fp32_folder / GRAPH_FILE, graph_path, precision,
+                                   source_is_quantized(pretrained.source))
+            shutil.rmtree(fp32_folder)
+        progress(f"exported in {time.perf_counter() - started:.0f} s; certifying on ONNX Runtime CPU")
+        if precision == "fp16":
+            report, canary = check_structure(graph_path, graph), None
+        else:
+            session = create_session(graph_path, provider="cpu")
+            text_ids = tokenizer.encode(CANARY_TEXT.read_text())
+            report, canary = certify(model, session, graph, precision, tolerance, text_ids, criteria)
         progress(format_report(report))
         if not report["passed"]:
             raise ArtifactError(f"parity certification failed; nothing written to {out}\n{format_report(report)}")
@@ -97,7 +135,8 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
         manifest = {
             "format": FORMAT,
             "model": {"name": pretrained.name, "source": str(pretrained.source), "config": config.to_dict()},
-            "precision": "fp32",
+            "precision": precision,
+            "quantization": quantization,
             "graph": {"file": GRAPH_FILE, "opset": OPSET, **graph},
             "generation": {"context_length": config.context_length, "eos_token_ids": eos,
                            "bos_token_id": tokenizer.bos_token_id},
@@ -125,6 +164,7 @@ def _move_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old)
 
 
-def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None) -> dict:
+def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None,
+           precision: str = "fp32", criteria: dict | None = None) -> dict:
     progress(f"loading {spec}")
-    return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length)
+    return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length, precision, criteria)

@@ -70,7 +70,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from export.exporter import export
 
-    export(args.model, args.out, tolerance=args.tolerance, context_length=args.max_context)
+    export(args.model, args.out, tolerance=args.tolerance, context_length=args.max_context, precision=args.precision)
     return 0
 
 
@@ -119,6 +119,29 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     from service.bench import run_bench
 
     return run_bench(ensure_artifact(args.artifacts, args.model), args)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from bench.run import run_bench
+
+    return run_bench(args)
+
+
+def add_bench_command(commands) -> None:
+    bench = commands.add_parser("bench", help="prefill, decode tokens/s and memory: ours vs transformers and "
+                                              "onnxruntime-genai, side by side, one process per figure")
+    bench.add_argument("--systems", help="comma-separated subset (default: all): eager, onnx-fp32, each --ours "
+                                         "NAME, transformers, genai-fp32, genai-int4")
+    bench.add_argument("--batch-sizes", default="1,8", help="comma-separated")
+    bench.add_argument("--repeats", type=int, default=5, help="processes per system and batch size")
+    bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode (EOS suppressed)")
+    bench.add_argument("--artifacts", help="our fp32 artifact for onnx-fp32 (default: exported into the cache)")
+    bench.add_argument("--ours", action="append", default=[], metavar="NAME=DIR",
+                       help="another of our artifacts to measure as system NAME (repeatable)")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
+    bench.add_argument("--results", default="bench-results",
+                       help="where bench.json, bench.png and the cache of exports and conversions go")
+    bench.set_defaults(run=run_benchmark)
 
 
 def add_service_commands(commands) -> None:
@@ -185,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the artifact folder to write")
     export.add_argument("--max-context", type=int, default=None, help="cap the context length")
     export.add_argument("--tolerance", type=float, default=1e-4, help="fp32 max abs logits difference allowed")
+    export.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                        help="int8/int4: weight-only MatMulNBits for CPU; fp16: for GPUs (certified structurally)")
     export.set_defaults(run=run_export)
 
     inspect = commands.add_parser("inspect", help="show an artifact's manifest and parity report")
@@ -192,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=run_inspect)
 
     add_service_commands(commands)
+    add_bench_command(commands)
     return parser
 
 

@@ -98,6 +98,7 @@ def load_gpt(config: GPTConfig, state_dict: StateDict) -> GPT:
 
 
 def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
+    """The config and float32 state dict of a GPT2LMHeadModel or LlamaForCausalLM folder, in our names."""
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -114,21 +115,25 @@ def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
     if architectures != [HF_FAMILIES[model_type]]:
         raise CheckpointError(f"{config_path}: unsupported architectures {architectures}; supported: {supported}")
 
-    tensors = _read_hf_weights(folder)
     if model_type == "gpt2":
-        # GPT2LMHeadModel prefixes the body with "transformer."; a bare GPT2Model checkpoint does not.
-        tensors = {name.removeprefix("transformer."): tensor for name, tensor in tensors.items()}
-        # Causal-mask buffers that old GPT-2 checkpoints saved next to the weights.
-        tensors = {name: tensor for name, tensor in tensors.items()
-                   if not name.endswith((".attn.bias", ".attn.masked_bias"))}
         config = _gpt2_config(hf, str(config_path))
+        tensors = {
+            # GPT2LMHeadModel prefixes the body with "transformer."; a bare GPT2Model checkpoint does not.
+            name.removeprefix("transformer."): tensor for name, tensor in _read_hf_weights(folder).items()
+            # Old GPT-2 checkpoints saved their causal-mask buffers next to the weights.
+            if not name.endswith((".attn.bias", ".attn.masked_bias"))
+        }
         convert = _gpt2_state_dict
     else:
-        # Rotary frequencies that old Llama checkpoints saved; ours are computed from rope_theta.
-        tensors = {name: tensor for name, tensor in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
         config = _llama_config(hf, str(config_path))
+        tensors = {
+            name: tensor for name, tensor in _read_hf_weights(folder).items()
+            # Old Llama checkpoints saved their rotary frequencies; ours come from rope_theta.
+            if not name.endswith("rotary_emb.inv_freq")
+        }
         convert = _llama_hf_state_dict
-    source = _Source(str(folder), {name: tuple(t.shape) for name, t in tensors.items()}, tensors.__getitem__)
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors.items()}
+    source = _Source(str(folder), shapes, tensors.__getitem__)
     state = convert(config, source)
     source.check_all_taken()
     return config, state
@@ -290,6 +295,7 @@ def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
 
 
 def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
+    """The config and float32 (dequantized) state dict of a llama-architecture GGUF file, in our names."""
     path = Path(path)
     reader = _open_gguf(path)
     metadata = {key: field.contents() for key, field in reader.fields.items()

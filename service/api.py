@@ -3,7 +3,6 @@ protobuf. Nothing past this module sees a protobuf message or an unchecked value
 
 from __future__ import annotations
 
-import math
 import uuid
 from dataclasses import dataclass
 
@@ -99,16 +98,16 @@ def render_chat(messages, tokenizer: Tokenizer) -> str:
 def parse_sampling(sampling: pb.SamplingParameters) -> SamplingParams:
     temperature = _optional(sampling, "temperature", 0.0)
     if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
-        raise InvalidRequest(f"sampling.temperature: {temperature}; allowed 0 (greedy) to {MAX_TEMPERATURE}")
+        raise InvalidRequest(f"sampling.temperature: {temperature:.6g}; allowed 0 (greedy) to {MAX_TEMPERATURE:g}")
     top_k = _optional(sampling, "top_k", 0)
     if top_k < 0:
         raise InvalidRequest(f"sampling.top_k: {top_k}; allowed 0 (no cut) or more")
     top_p = _optional(sampling, "top_p", 1.0)
     if not 0.0 < top_p <= 1.0:
-        raise InvalidRequest(f"sampling.top_p: {top_p}; allowed (0, 1]")
+        raise InvalidRequest(f"sampling.top_p: {top_p:.6g}; allowed (0, 1]")
     penalty = _optional(sampling, "repetition_penalty", 1.0)
     if not 0.0 < penalty <= MAX_REPETITION_PENALTY:
-        raise InvalidRequest(f"sampling.repetition_penalty: {penalty}; allowed (0, {MAX_REPETITION_PENALTY}], 1 = off")
+        raise InvalidRequest(f"sampling.repetition_penalty: {penalty:.6g}; allowed (0, {MAX_REPETITION_PENALTY:g}], 1 = off")
     seed = sampling.seed if sampling.HasField("seed") else None
     return SamplingParams(float(temperature), int(top_k), float(top_p), float(penalty), seed)
 
@@ -132,10 +131,8 @@ def parse_stopping(stopping: pb.StoppingCriteria, prompt_tokens: int, limits: Li
 
 
 def _optional(message, name: str, default):
-    value = getattr(message, name) if message.HasField(name) else default
-    if isinstance(value, float) and math.isinf(value):
-        return math.nan  # refused by every range check, with the value in the message
-    return value
+    # Every range check above is written so that NaN and infinities fail it too.
+    return getattr(message, name) if message.HasField(name) else default
 
 
 # Results back to protobuf ------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ class Engine:
     def run_canary(self) -> None:
         """Refuse to serve when this runtime's greedy tokens differ from those recorded at export."""
         canary = self.manifest["canary"]
+        if canary is None:
+            log.warning("%s: no canary recorded (%s is certified structurally only); serving unchecked",
+                        self.folder, self.manifest["precision"])
+            return
         ids = np.array([canary["prompt_ids"]], dtype=np.int64)
         mask = np.ones_like(ids)
         past, tokens = None, []

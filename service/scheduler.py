@@ -61,15 +61,16 @@ class RequestHandle:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            events, self._events = self._events, []
+            # Taken together: more tokens (and the end) may arrive while the caller holds this update.
+            events, self._events, done = self._events, [], self.done
             self.consumed += len(events)
             if self.paused:
                 self._scheduler.wake()
             if self.error is not None:
                 raise self.error
-            if events or self.done:
-                yield events, self.done
-            if self.done:
+            if events or done:
+                yield events, done
+            if done:
                 return
 
     def cancel(self) -> None:

@@ -376,11 +376,16 @@ class BackgroundServer:
     def _run(self, coroutine, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def start(self, timeout: float = 300.0) -> "BackgroundServer":
+    def start(self, timeout: float = 300.0, wait_ready: bool = True) -> "BackgroundServer":
+        """Listening on return; with `wait_ready`, also serving (or raising what loading the model raised)."""
         self._thread.start()
         self._run(self.server.start(), timeout)
-        self._run(self.server.wait_ready(), timeout)
+        if wait_ready:
+            self.wait_ready(timeout)
         return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        self._run(self.server.wait_ready(), timeout)
 
     def stop(self, grace: float = 0.0) -> None:
         if self.loop.is_running():

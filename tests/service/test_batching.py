@@ -15,7 +15,7 @@ from model.sampling import SamplingParams
 from service.api import GenerationRequest
 from service.metrics import Metrics
 from service.scheduler import Scheduler
-from tests.service.support import collect, running_server, solo_greedy
+from tests.service.support import collect, running_server, solo_greedy, wait_for
 
 PROMPTS = [
     "The capital of France is",
@@ -76,7 +76,7 @@ def test_sixteen_concurrent_streams_equal_their_solo_runs(served, default_engine
     info = client.model_info()
     assert info.active_sequences == 0 and info.queued_requests == 0
     metrics = server.metrics
-    assert metrics.value("gptserve_requests_total", {"method": "GenerateStream", "code": "OK"}) == len(PROMPTS)
+    wait_for(lambda: metrics.value("gptserve_requests_total", {"method": "GenerateStream", "code": "OK"}) == len(PROMPTS))
     assert metrics.value("gptserve_generated_tokens_total") == generated
     assert metrics.value("gptserve_time_to_first_token_seconds_count") == len(PROMPTS)
     assert metrics.value("gptserve_inter_token_latency_seconds_count") == generated - len(PROMPTS)

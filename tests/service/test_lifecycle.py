@@ -1,5 +1,6 @@
-"""Graceful shutdown: health goes NOT_SERVING, new requests are refused, streams in flight finish. And the real
-`gptserve serve` process: client command, metrics endpoint, request log, SIGTERM."""
+"""A server's life: NOT_SERVING until the model is loaded; on shutdown NOT_SERVING again, new requests refused,
+streams in flight finished. And the real `gptserve serve` process: client command, metrics endpoint, request
+log, SIGTERM, no torch."""
 
 from __future__ import annotations
 
@@ -21,6 +22,29 @@ from gptserve.v1 import generation_pb2 as pb
 from service.client import GenerationClient
 from service.server import BackgroundServer, ServerConfig
 from tests.service.support import wait_for
+
+
+def test_not_serving_until_the_model_is_loaded(tiny_engine):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return tiny_engine
+
+    server = BackgroundServer(ServerConfig(port=0), slow_load).start(wait_ready=False)
+    try:
+        with GenerationClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            assert client.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as caught:
+                client.generate("Hello", max_new_tokens=2)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in caught.value.details()
+            release.set()
+            server.wait_ready(30)
+            assert client.health() == "SERVING"
+            assert client.generate("Hello", max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+    finally:
+        release.set()
+        server.stop()
 
 
 def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_engine):
@@ -52,6 +76,12 @@ def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_eng
         stopping.join(30)
         assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
         assert statuses[0] == "SERVING"
+
+
+def test_the_serving_modules_import_no_torch():
+    script = ("import sys, service.server, service.client, service.engine, service.bench, service.artifacts; "
+              "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 0
 
 
 def free_port() -> int:

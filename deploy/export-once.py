@@ -1,0 +1,32 @@
+"""The compose `export` service: exports MODEL (a model spec) once into the cache volume ($GPTSERVE_CACHE).
+
+    python export-once.py MODEL
+
+A later run finds the artifact's manifest and exits at once. `gptserve serve --model MODEL` looks in the same
+folder (service.artifacts.cached_artifact_folder), so the servers, which have no torch, never export themselves.
+"""
+
+import logging
+import sys
+
+from export.artifact import MANIFEST
+from service.artifacts import cached_artifact_folder, ensure_artifact
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    model = argv[1]
+    folder = cached_artifact_folder(model)
+    if (folder / MANIFEST).is_file():
+        print(f"{model}: already exported in {folder}; nothing to do")
+        return 0
+    ensure_artifact(None, model)
+    print(f"{model}: exported into {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,74 @@
+"""Reduced precisions of an exported fp32 graph, written into the same artifact format.
+
+int4 and int8 are weight-only: every MatMul weight, the LM head included, becomes ONNX Runtime's block-quantized
+MatMulNBits (blocks of 32 along the input dimension, asymmetric, int8 compute on CPU), activations and the KV cache
+stay fp32. The token embedding stays fp32: a Gather reads one row per token, so quantizing it saves memory but no
+time, and costs accuracy. fp16 converts weights, activations and the KV cache for GPUs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+BLOCK_SIZE = 32
+IR_VERSION = 10  # onnx can write newer IR versions than this onnxruntime reads
+
+
+def untie_lm_head(model: onnx.ModelProto) -> bool:
+    """A tied LM head is exported as MatMul(x, Transpose(embedding)); give it a [C, V] initializer of its own so
+    the quantizer sees a plain weight. Returns whether it changed anything."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    for node in model.graph.node:
+        source = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if source is None or source.op_type != "Transpose" or source.input[0] not in initializers:
+            continue
+        weight = numpy_helper.to_array(initializers[source.input[0]]).T.copy()  # (C, V)
+        model.graph.initializer.append(numpy_helper.from_array(weight, "lm_head.weight"))
+        node.input[1] = "lm_head.weight"
+        model.graph.node.remove(source)
+        return True
+    return False
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # accuracy_level 4: int8 activations inside MatMulNBits, the fast CPU kernel for 4- and 8-bit weights.
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False, accuracy_level=4)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    # Token ids, the mask and the logits keep their types; weights, activations and the KV cache go to fp16.
+    return convert_float_to_float16(model, keep_io_types=["logits"], disable_shape_infer=True)
+
+
+def convert(fp32_path: Path, out_path: Path, precision: str, source_quantized: bool) -> dict:
+    """Writes the graph at `precision`; returns the manifest's notes on what was quantized."""
+    model = onnx.load(str(fp32_path))
+    notes = {"embedding": "fp32", "lm_head": "same as other weights"}
+    if precision in ("int4", "int8"):
+        untie_lm_head(model)
+        model = quantize_weights(model, bits=int(precision[3:]))
+        notes.update(method=f"MatMulNBits weight-only, {precision[3:]}-bit, block {BLOCK_SIZE}, asymmetric",
+                     quantized="every MatMul weight (attention, MLP, LM head)")
+        if source_quantized:
+            notes["quantized_twice"] = ("the source weights were already quantized (GGUF); they were dequantized to "
+                                        "fp32 and quantized again here, so this artifact carries both roundings")
+    elif precision == "fp16":
+        model = to_fp16(model)
+        notes.update(method="fp16 weights, activations and KV cache", embedding="fp16", lm_head="fp16")
+    model.ir_version = min(model.ir_version, IR_VERSION)
+    size = sum(np.prod(tensor.dims) * 4 for tensor in model.graph.initializer)
+    onnx.save(model, str(out_path), save_as_external_data=size > (1 << 30),
+              location=out_path.name + ".data", all_tensors_to_one_file=True)
+    return notes
