@@ -147,7 +147,7 @@ class GPT(nn.Module):
         # Positions count real tokens only, so left-padded rows of different lengths line up.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
         key_index = torch.arange(total, device=input_ids.device)  # (P+T,)
-        query_index = key_index[total - T:]  # (T,) absolute positions of the new tokens
+        query_index = torch.arange(total - T, total, device=input_ids.device)  # (T,) positions of the new tokens
         causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, P+T)
 

@@ -41,6 +41,7 @@ request_log = logging.getLogger("gptserve.requests")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+DEADLINE_SLACK_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,10 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             yield call
             call.code = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
+            # The client's own timer usually fires first and cancels the call moments before the server's copy
+            # of the deadline runs out, so a cancel that close to the deadline is the deadline.
             remaining = context.time_remaining()
-            past_deadline = remaining is not None and remaining <= 0
+            past_deadline = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
             raise
         except Exception as error:

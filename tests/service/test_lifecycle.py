@@ -61,7 +61,7 @@ def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_eng
                 pass  # the server closes the watch when it stops
 
         threading.Thread(target=follow_health, daemon=True).start()
-        stream = client.stream("Tell me about the sea.", max_new_tokens=40, ignore_eos=True)
+        stream = client.stream("Tell me about the sea.", max_new_tokens=24, ignore_eos=True)
         first = next(stream)
         stopping = threading.Thread(target=server.stop, kwargs={"grace": 30})
         started = time.perf_counter()
@@ -71,7 +71,7 @@ def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_eng
             client.generate("A new request", max_new_tokens=4)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(stream)
-        assert sum(len(message.tokens) for message in [first, *rest]) == 40
+        assert sum(len(message.tokens) for message in [first, *rest]) == 24
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         stopping.join(30)
         assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace

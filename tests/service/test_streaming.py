@@ -13,7 +13,7 @@ from model.generation import Sequence, StoppingParams, generate
 from model.sampling import SamplingParams
 from tests.service.support import collect, running_server, solo_greedy
 
-MAX_NEW_TOKENS = 16
+MAX_NEW_TOKENS = 12
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
