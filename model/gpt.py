@@ -18,13 +18,15 @@ PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight; F.rms_norm exports as one ONNX RMSNormalization op (opset 23)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def make_norm(config: GPTConfig) -> nn.Module:
@@ -55,6 +57,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
+        # The export sets this: the same attention through torch's fused kernel, which becomes one ONNX
+        # Attention op (grouped-query heads without copies). The textbook path below is the reference.
+        self.fused = False
 
     def forward(
         self,
@@ -75,6 +80,11 @@ class CausalSelfAttention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         k = torch.cat((past_key, k), dim=2)  # (B, KV, P+T, D)
         v = torch.cat((past_value, v), dim=2)  # (B, KV, P+T, D)
+        if self.fused:
+            bias = torch.zeros_like(allowed, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True,
+                                               dropout_p=self.attn_dropout.p if self.training else 0.0)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), (k, v)
         # Grouped-query attention: query head h reads key/value head h // (H / KV).
         k_heads = k.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
         v_heads = v.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
@@ -130,6 +140,11 @@ class GPT(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
+    def use_fused_attention(self, fused: bool = True) -> "GPT":
+        for block in self.blocks:
+            block.attn.fused = fused
+        return self
+
     def empty_past(self, batch_size: int) -> PastKeyValues:
         shape = (batch_size, self.config.kv_heads, 0, self.config.head_dim)
         return tuple((self.wte.weight.new_zeros(shape), self.wte.weight.new_zeros(shape)) for _ in self.blocks)
@@ -149,7 +164,10 @@ class GPT(nn.Module):
         key_index = torch.arange(total, device=input_ids.device)  # (P+T,)
         query_index = torch.arange(total - T, total, device=input_ids.device)  # (T,) positions of the new tokens
         causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
-        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, P+T)
+        # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
+        # under fused kernels and fp16); real rows never see padding.
+        itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
+        allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
 
         x = self.wte(input_ids)  # (B, T, C)
         rope = None
