@@ -82,7 +82,7 @@ class CausalSelfAttention(nn.Module):
         v = torch.cat((past_value, v), dim=2)  # (B, KV, P+T, D)
         if self.fused:
             bias = torch.zeros_like(allowed, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=True,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=H != KV,
                                                dropout_p=self.attn_dropout.p if self.training else 0.0)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), (k, v)
         # Grouped-query attention: query head h reads key/value head h // (H / KV).
