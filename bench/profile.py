@@ -55,25 +55,26 @@ def profile_decode(folder: Path, batch_size: int, context: int, window: int, thr
     assert len(runs) == len(contexts), f"{len(runs)} model_run events for {len(contexts)} runs"
     windows = [(run["ts"], run["ts"] + run["dur"]) for run, total in zip(runs, contexts)
                if context - window <= total < context + window]
-    per_op, per_node = defaultdict(float), defaultdict(float)
+    per_op, per_node, kernels = defaultdict(float), defaultdict(float), 0
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             if any(start <= event["ts"] <= end for start, end in windows):
                 per_op[event["args"]["op_name"]] += event["dur"]
-                per_node[event["name"].removesuffix("_kernel_time")] += event["dur"]
+                per_node[f"{event['name'].removesuffix('_kernel_time')} ({event['args']['op_name']})"] += event["dur"]
+                kernels += 1
     steps = len(windows)
-    return {"steps": steps, "batch_size": batch_size, "context": context,
-            "run_ms": sum(end - start for start, end in windows) / steps / 1000,
+    return {"steps": steps, "batch_size": batch_size, "context": context, "window": window,
+            "run_ms": sum(end - start for start, end in windows) / steps / 1000, "kernels": kernels / steps,
             "op_ms": {name: micros / steps / 1000 for name, micros in sorted(per_op.items(), key=lambda x: -x[1])},
             "node_ms": {name: micros / steps / 1000
-                        for name, micros in sorted(per_node.items(), key=lambda x: -x[1])[:10]}}
+                        for name, micros in sorted(per_node.items(), key=lambda x: -x[1])[:5]}}
 
 
 def format_profile(profile: dict, top: int = 12) -> str:
     kernels = sum(profile["op_ms"].values())
-    lines = [f"decode step, batch {profile['batch_size']}, context {profile['context']} (+-): "
+    lines = [f"decode step, batch {profile['batch_size']}, context {profile['context']} (+-{profile['window']}): "
              f"{profile['run_ms']:.2f} ms per session run over {profile['steps']} steps, "
-             f"{kernels:.2f} ms of it in kernels",
+             f"{kernels:.2f} ms of it in {profile['kernels']:.0f} kernel calls",
              f"{'op type':<28} {'ms/step':>8} {'share':>6}"]
     for name, milliseconds in list(profile["op_ms"].items())[:top]:
         lines.append(f"{name:<28} {milliseconds:>8.3f} {milliseconds / kernels:>6.1%}")

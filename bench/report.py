@@ -67,37 +67,37 @@ def format_table(rows: list[Row]) -> str:
             lines.append(f"{row.system:<14} {row.batch_size:>5}  failed in all {row.failures} processes (see above)")
             continue
         ratios = "  ".join(f"{_ratios(row, by_key.get((name, row.batch_size))):<15}" for name in BASELINES)
-        failed = f"  ({row.failures} failed)" if row.failures else ""
+        failed = f"  ({row.failures} of {row.runs + row.failures} failed)" if row.failures else ""
         lines.append(f"{row.system:<14} {row.batch_size:>5}  {row.prefill_ms.format(1):<24} "
                      f"{row.decode_tokens_per_second.format(1):<24} {row.peak_rss_mb.median:>11.0f}  "
                      f"{ratios}{failed}".rstrip())
-    lines.append("prefill: one forward over the 128-token prompt (per batch); decode: aggregate tokens/s over all "
-                 "rows; figures are median [min-max] over processes; peak RSS: median")
+    lines.append("median [min-max] over processes; prefill: one forward over the whole batch; decode: tokens/s of "
+                 "all rows together")
     lines.append("vs X: our decode tok/s / X's, then X's prefill ms / ours (above 1: ours is faster)")
     return "\n".join(lines)
 
 
 def token_agreement(measurements: list[dict], systems: list[str]) -> str:
-    """How many greedy tokens (row 0, first process) each system shares with the first system, from the start:
+    """How many greedy tokens (row 0, first process) each system shares with the first system's from the start:
     a check that every system ran the same model on the same prompt."""
-    first = {}
+    first: dict[tuple[str, int], dict] = {}
     for item in measurements:
         if "error" not in item:
             first.setdefault((item["system"], item["batch_size"]), item)
-    reference = next((first[key] for system in systems for key in sorted(first) if key[0] == system), None)
-    if reference is None:
+    keys = sorted(first, key=lambda key: (systems.index(key[0]), key[1]))
+    if not keys:
         return ""
-    expected = reference["tokens"]
+    reference = first[keys[0]]["tokens"]
     parts = []
-    for (system, batch_size), item in sorted(first.items(), key=lambda pair: (systems.index(pair[0][0]), pair[0][1])):
-        same = next((index for index, (a, b) in enumerate(zip(item["tokens"], expected)) if a != b), len(expected))
-        rows = "" if item["rows_identical"] else ", rows differ"
-        parts.append(f"{system} b{batch_size} {same}{rows}")
-    return (f"greedy tokens equal to {reference['system']} batch {reference['batch_size']}'s from the start "
-            f"(of {len(expected)}): " + ", ".join(parts))
+    for system, batch_size in keys:
+        item = first[(system, batch_size)]
+        same = next((index for index, (a, b) in enumerate(zip(item["tokens"], reference)) if a != b), len(reference))
+        parts.append(f"{system} b{batch_size} {same}" + ("" if item["rows_identical"] else " (rows differ)"))
+    return (f"greedy tokens equal to {keys[0][0]} batch {keys[0][1]}'s from the start (of {len(reference)}): "
+            + ", ".join(parts))
 
 
-def write_chart(rows: list[Row], path: Path) -> bool:
+def write_chart(rows: list[Row], path: Path, title: str) -> bool:
     """Bars of decode tok/s and prefill ms per batch size, min-max as error bars. False without matplotlib."""
     try:
         import matplotlib
@@ -124,6 +124,7 @@ def write_chart(rows: list[Row], path: Path) -> bool:
         axis.set_xticks(range(len(batch_sizes)), [f"batch {size}" for size in batch_sizes])
         axis.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8)
+    figure.suptitle(title, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -156,7 +156,7 @@ def run_bench(args) -> int:
               "measurements": measurements}
     (results / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     chart = results / "bench.png"
-    drawn = write_chart(rows, chart)
+    drawn = write_chart(rows, chart, f"{about['cpu']}, {threads} threads; median, min-max bars")
     print(f"figures in {results / 'bench.json'}" + (f", chart in {chart}" if drawn else
                                                     " (no chart: pip install matplotlib)"))
     return 1 if any("error" in item for item in measurements) else 0

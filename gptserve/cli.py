@@ -138,7 +138,7 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--artifacts", help="our fp32 artifact for onnx-fp32 (default: exported into the cache)")
     bench.add_argument("--ours", action="append", default=[], metavar="NAME=DIR",
                        help="another of our artifacts to measure as system NAME (repeatable)")
-    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every system (default: all cores)")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads of every system (default: cores)")
     bench.add_argument("--results", default="bench-results",
                        help="where bench.json, bench.png and the cache of exports and conversions go")
     bench.set_defaults(run=run_benchmark)

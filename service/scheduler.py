@@ -1,5 +1,9 @@
 """Continuous batching: one engine thread steps every active sequence together, newcomers join at step boundaries.
 
+Each iteration of the engine thread: drop cancelled sequences, prefill the newcomers (together, left-padded),
+one decode step for every running sequence, drop the finished ones. Left padding is masked out of attention and
+positions come from the mask, so a sequence's tokens are the same alone or in any batch.
+
 The asyncio side submits checked requests and reads their tokens; the engine thread owns the batch. They meet in
 three places only: the waiting queue (under a lock), each request's cancel flag, and `call_soon_threadsafe`
 deliveries of tokens back to the event loop.
@@ -105,9 +109,26 @@ def _deliver(items: list[tuple[RequestHandle, _Outgoing]]) -> None:
         handle._receive(outgoing.events, outgoing.done, outgoing.error)
 
 
+# Padded prompt tokens in one prefill pass: bounds the padding wasted on prompts of unequal length and the
+# logits the pass returns (all positions, B x T x V floats).
+PREFILL_TOKEN_BUDGET = 512
+
+
+def prefill_groups(handles: list[RequestHandle], token_budget: int) -> list[list[RequestHandle]]:
+    """Newcomers grouped by prompt length, each group within the budget (a longer prompt goes alone)."""
+    groups: list[list[RequestHandle]] = []
+    for handle in sorted(handles, key=lambda handle: len(handle.request.prompt_ids)):
+        length = len(handle.request.prompt_ids)
+        if groups and (len(groups[-1]) + 1) * length <= token_budget:
+            groups[-1].append(handle)
+        else:
+            groups.append([handle])
+    return groups
+
+
 class Scheduler:
     def __init__(self, engine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
-                 max_unread_tokens: int = 256) -> None:
+                 max_unread_tokens: int = 256, prefill_token_budget: int = PREFILL_TOKEN_BUDGET) -> None:
         if max_batch_size < 1 or max_queue < 0 or max_unread_tokens < 1:
             raise ValueError("max_batch_size and max_unread_tokens must be at least 1, max_queue at least 0")
         self.engine, self.metrics = engine, metrics
@@ -124,6 +145,7 @@ class Scheduler:
         self._paused: dict[RequestHandle, BatchCache] = {}
         self._outgoing: dict[RequestHandle, _Outgoing] = {}
         self._thread: threading.Thread | None = None
+        self.prefill_token_budget = prefill_token_budget
 
     # The event loop's side -------------------------------------------------------------------------------------
 
@@ -222,35 +244,58 @@ class Scheduler:
     def _iterate(self, newcomers: list[RequestHandle]) -> None:
         self._drop_cancelled()
         self._resume_readers()
-        for handle in newcomers:
-            self._prefill(handle)
+        for group in prefill_groups(newcomers, self.prefill_token_budget):
+            self._prefill(group)
+        if newcomers:
+            self._flush()  # first tokens go out now, not one decode step later
         if self._rows:
             self._decode()
         self._pause_slow_readers()
         self.metrics.active_sequences.set(self.active_count)
 
-    def _prefill(self, handle: RequestHandle) -> None:
-        """The prompt alone (B = 1), its first token, then the sequence joins the batch for the next step."""
-        handle.admitted = time.perf_counter()
-        if handle.cancelled:
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Newcomers' prompts in one forward pass (left-padded like the batch), each one's first token; then
+        they join the batch for the next decode step. One pass reads the weights once for all of them."""
+        now = time.perf_counter()
+        for handle in handles:
+            handle.admitted = now
+        for handle in [handle for handle in handles if handle.cancelled]:
             self._end(handle)
+        handles = [handle for handle in handles if not handle.cancelled]
+        if not handles:
             return
-        self.metrics.prompt_tokens.inc(len(handle.request.prompt_ids))
-        input_ids = np.array([handle.request.prompt_ids], dtype=np.int64)  # (1, T)
-        attention_mask = np.ones_like(input_ids)  # (1, T)
+        prompts = [handle.request.prompt_ids for handle in handles]
+        width = max(map(len, prompts))
+        input_ids = np.zeros((len(prompts), width), dtype=np.int64)  # (B, T); padding ids are masked out
+        attention_mask = np.zeros((len(prompts), width), dtype=np.int64)  # (B, T)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = prompt
+            attention_mask[row, width - len(prompt):] = 1
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
+        self.metrics.prefill_batch_size.observe(len(prompts))
         try:
-            logits, present = self.engine.step(input_ids, attention_mask, None)  # (1, V)
-            event = handle.sequence.step(logits[0])
+            logits, present = self.engine.step(input_ids, attention_mask, None)  # (B, V): each prompt's last
         except Exception as error:
-            log.exception("prefill failed for request %s", handle.request.request_id)
-            self._end(handle, EngineFailure(f"the engine failed on this request's prompt: {error}"))
+            log.exception("prefill failed for requests %s", [handle.request.request_id for handle in handles])
+            for handle in handles:
+                self._end(handle, EngineFailure(f"the engine failed on this request's prompt: {error}"))
             return
-        self._emit(handle, event)
-        if handle.sequence.finished:
-            self._end(handle)
-            return
-        self._batch = BatchCache.join([self._batch, BatchCache(present, attention_mask)])
-        self._rows.append(handle)
+        cache, keep = BatchCache(present, attention_mask), []
+        for row, handle in enumerate(handles):
+            try:
+                event = handle.sequence.step(logits[row])
+            except Exception as error:
+                log.exception("sampling failed for request %s", handle.request.request_id)
+                self._end(handle, EngineFailure(f"choosing the next token failed: {error}"))
+                continue
+            self._emit(handle, event)
+            if handle.sequence.finished:
+                self._end(handle)
+            else:
+                keep.append(row)
+        if keep:
+            self._batch = BatchCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
+            self._rows += [handles[row] for row in keep]
 
     def _decode(self) -> None:
         """One step of every running sequence: each feeds its last token."""
@@ -330,7 +375,9 @@ class Scheduler:
         self._outgoing.setdefault(handle, _Outgoing()).events.append(event)
 
     def _end(self, handle: RequestHandle, error: Exception | None = None) -> None:
-        """The request leaves the server: its slot (or queue place) is free from here on."""
+        """The request leaves the server: its slot (or queue place) is free from here on. Once per request."""
+        if handle.ended is not None:
+            return
         handle.ended = time.perf_counter()
         outgoing = self._outgoing.setdefault(handle, _Outgoing())
         outgoing.done, outgoing.error = True, error
@@ -338,10 +385,8 @@ class Scheduler:
             self._outstanding -= 1
 
     def _fail_everything(self, handles: list[RequestHandle], error: Exception) -> None:
-        ended = {handle for handle, outgoing in self._outgoing.items() if outgoing.done}
-        for handle in dict.fromkeys(handles):
-            if handle not in ended:
-                self._end(handle, error)
+        for handle in handles:
+            self._end(handle, error)  # a no-op for those that had already ended
         self._rows, self._batch, self._paused = [], None, {}
 
     def _flush(self) -> None:

@@ -16,7 +16,6 @@ import json
 import logging
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -77,7 +76,6 @@ class _Call:
     """One RPC's outcome, for the metrics and the request log line."""
 
     method: str
-    started: float
     code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # what is left when the client goes away mid-call
     message: str = ""
     request: GenerationRequest | None = None
@@ -102,7 +100,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
-        call = _Call(method, time.perf_counter())
+        call = _Call(method)
         generation = method.startswith("Generate")
         if generation:
             self.generating += 1
@@ -262,6 +260,11 @@ class GenerationServer:
         self.metrics_port: int | None = None
         self._metrics_http = None
         self._loading: asyncio.Task | None = None
+        self._hurry = asyncio.Event()
+
+    def hurry(self) -> None:
+        """Cut a graceful shutdown's grace period short (a second Ctrl-C)."""
+        self._hurry.set()
 
     @property
     def backend(self) -> Backend | None:
@@ -322,8 +325,10 @@ class GenerationServer:
             backend.scheduler.close()  # new generation requests get UNAVAILABLE from here on
         # Waiting on our own generation calls, not on every RPC as grpc's stop(grace) does: a health Watch
         # stream never ends by itself and would hold every shutdown for the whole grace period.
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.servicer.idle.wait(), grace)
+        waits = [asyncio.create_task(event.wait()) for event in (self.servicer.idle, self._hurry)]
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
         await self.server.stop(0)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
@@ -353,8 +358,10 @@ async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
         await server.stop(0)
         return 1
     await stop_requested
-    log.info("shutting down: NOT_SERVING, refusing new requests, %.0f s for streams in flight",
-             config.grace_seconds)
+    log.info("shutting down: NOT_SERVING, refusing new requests, up to %.0f s for streams in flight "
+             "(signal again to stop now)", config.grace_seconds)
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, server.hurry)
     await server.stop()
     log.info("stopped")
     return 0

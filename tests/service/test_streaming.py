@@ -3,7 +3,6 @@ stream's pieces add up; stop strings never reach the client; health, reflection 
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
