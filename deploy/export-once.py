@@ -1,4 +1,5 @@
-"""The compose `export` service: exports MODEL (a model spec) once into the cache volume ($GPTSERVE_CACHE).
+"""The compose `export` service: exports MODEL (a model spec) once into the cache volume ($GPTSERVE_CACHE), at
+$GPTSERVE_PRECISION (the compose file sets fp16 for the GPU profile and fp32 for the CPU one).
 
     python export-once.py MODEL
 
@@ -10,7 +11,7 @@ import logging
 import sys
 
 from export.artifact import MANIFEST
-from service.artifacts import cached_artifact_folder, ensure_artifact
+from service.artifacts import cached_artifact_folder, default_precision, ensure_artifact
 
 
 def main(argv: list[str]) -> int:
@@ -19,11 +20,12 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     model = argv[1]
-    folder = cached_artifact_folder(model)
+    precision = default_precision()
+    folder = cached_artifact_folder(model, precision)
     if (folder / MANIFEST).is_file():
         print(f"{model}: already exported in {folder}; nothing to do")
         return 0
-    ensure_artifact(None, model)
+    ensure_artifact(None, model, precision)
     print(f"{model}: exported into {folder}")
     return 0
 

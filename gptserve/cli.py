@@ -91,13 +91,13 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from service.artifacts import ensure_artifact
+    from service.artifacts import default_precision, ensure_artifact
     from service.client import read_token
     from service.engine import Engine
     from service.server import ServerConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    folder = ensure_artifact(args.artifacts, args.model)
+    folder = ensure_artifact(args.artifacts, args.model, args.precision or default_precision(args.provider))
     config = ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         max_unread_tokens=args.max_unread_tokens, default_max_new_tokens=args.default_max_new_tokens,
@@ -105,7 +105,8 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
     )
-    return asyncio.run(serve(config, lambda: Engine.load(folder, args.provider, args.threads)))
+    load = lambda: Engine.load(folder, args.provider, args.threads, args.device_id, args.gpu_mem_limit or None)
+    return asyncio.run(serve(config, load))
 
 
 def run_client(args: argparse.Namespace) -> int:
@@ -161,6 +162,11 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request or response message")
     serve.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    serve.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
+                       help="precision of the export made for --model (default: $GPTSERVE_PRECISION, else fp16 "
+                            "on CUDA and fp32 on CPU)")
+    serve.add_argument("--device-id", type=int, default=0, help="CUDA device")
+    serve.add_argument("--gpu-mem-limit", type=int, default=0, help="CUDA memory arena limit in bytes; 0 = none")
     serve.add_argument("--tls-cert", help="PEM certificate chain file: serve over TLS (with --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key file")
     serve.add_argument("--auth-token-file", help="require 'authorization: Bearer TOKEN' with the token in this "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -14,21 +15,32 @@ from model.fetch import cache_dir
 log = logging.getLogger("gptserve.server")
 
 
-def cached_artifact_folder(model: str) -> Path:
-    """Where `serve --model SPEC` keeps its export: one folder per spec under the gptserve cache."""
-    return cache_dir() / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+def default_precision(provider: str = "auto") -> str:
+    """fp16 where the engine will run on CUDA, fp32 on CPU; $GPTSERVE_PRECISION overrides."""
+    from export.runtime import choose_providers
+
+    if os.environ.get("GPTSERVE_PRECISION"):
+        return os.environ["GPTSERVE_PRECISION"]
+    return "fp16" if choose_providers(provider)[0] == "CUDAExecutionProvider" else "fp32"
 
 
-def ensure_artifact(artifacts: str | Path | None, model: str) -> Path:
+def cached_artifact_folder(model: str, precision: str = "fp32") -> Path:
+    """Where `serve --model SPEC` keeps its export: one folder per spec and precision under the gptserve cache."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")
+    return cache_dir() / "artifacts" / (name if precision == "fp32" else f"{name}-{precision}")
+
+
+def ensure_artifact(artifacts: str | Path | None, model: str, precision: str = "fp32") -> Path:
     """The folder to serve: `artifacts` if it holds a manifest, else `model` exported into it (or the cache).
 
     The export runs in a child process, so the server process never imports torch.
     """
-    folder = Path(artifacts) if artifacts else cached_artifact_folder(model)
+    folder = Path(artifacts) if artifacts else cached_artifact_folder(model, precision)
     if (folder / MANIFEST).is_file():
         return folder
-    log.info("no artifact in %s yet: exporting %s (once; later starts reuse it)", folder, model)
-    script = "import sys; from export.exporter import export; export(sys.argv[1], sys.argv[2])"
-    if subprocess.run([sys.executable, "-c", script, model, str(folder)]).returncode:
+    log.info("no artifact in %s yet: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
+    command = [sys.executable, "-m", "gptserve", "export", "--model", model, "--out", str(folder),
+               "--precision", precision]
+    if subprocess.run(command).returncode:
         raise SystemExit(f"exporting {model} into {folder} failed (see above)")
     return folder

@@ -68,14 +68,19 @@ def test_vendored_schema_keeps_its_license():
 def test_profiles_gpu_reservation_and_replicas(compose):
     services = compose["services"]
     assert services["gptserve"]["profiles"] == ["gpu"] and services["gptserve-cpu"]["profiles"] == ["cpu"]
-    assert "profiles" not in services["export"] and "profiles" not in services["nginx"]  # both run with either
+    assert services["export"]["profiles"] == ["gpu"] and services["export-cpu"]["profiles"] == ["cpu"]
+    assert "profiles" not in services["nginx"]  # runs with either
+    # Each profile exports (and serves) its default precision: fp16 on GPUs, fp32 on CPUs.
+    for export, server, precision in (("export", "gptserve", "fp16"), ("export-cpu", "gptserve-cpu", "fp32")):
+        assert services[export]["environment"]["GPTSERVE_PRECISION"] == precision
+        assert services[server]["environment"]["GPTSERVE_PRECISION"] == precision
+        assert services[server]["depends_on"][export]["condition"] == "service_completed_successfully"
     devices = services["gptserve"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert "resources" not in services["gptserve-cpu"].get("deploy", {})
     for name in SERVERS:
         assert int(services[name]["deploy"]["replicas"]) == 2
         assert "container_name" not in services[name] and "ports" not in services[name]  # replicas cannot share
-        assert services[name]["depends_on"]["export"]["condition"] == "service_completed_successfully"
         assert services["nginx"]["depends_on"][name] == {"condition": "service_healthy", "required": False}
 
 
