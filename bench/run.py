@@ -102,15 +102,40 @@ def versions() -> dict:
     return {name: installed(name) for name in ("torch", "onnxruntime", "onnxruntime-genai", "transformers")}
 
 
-def run_bench(args) -> int:
+def choose_systems(args) -> tuple[list[str], dict[str, str | None]]:
+    """The systems --systems names, in the fixed order of the table, and our artifact folders."""
     ours = parse_ours(args.ours, args.artifacts)
     known = ["eager", *ours, *BASELINES]
-    names = args.systems.split(",") if args.systems else known
-    unknown = [name for name in names if name not in known]
+    asked = args.systems.split(",") if args.systems else known
+    unknown = [name for name in asked if name not in known]
     if unknown:
         raise SystemExit(f"--systems: unknown {', '.join(unknown)}; known: {', '.join(known)}")
-    names = [name for name in known if name in names]  # a fixed order, whatever order they were asked in
-    batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    return [name for name in known if name in asked], ours
+
+
+def run_all(systems: list[System], batch_sizes: list[int], repeats: int, workload: Workload, threads: int,
+            scratch: Path) -> list[dict]:
+    """Every system at every batch size, once per repetition, each repetition in the opposite order to the last."""
+    order = [(system, size) for system in systems for size in batch_sizes]
+    measurements = []
+    for repeat in range(repeats):
+        for system, batch_size in order if repeat % 2 == 0 else order[::-1]:
+            result = measure(system, batch_size, workload, threads, scratch)
+            measurements.append({"system": system.name, "batch_size": batch_size, "repeat": repeat, **result})
+            figures = (f"error: {result['error']}" if "error" in result else
+                       f"prefill {result['prefill_ms']:.1f} ms, decode {result['decode_tokens_per_second']:.1f} "
+                       f"tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, load average {result['load_average']:.2f}")
+            print(f"[bench] {len(measurements)}/{repeats * len(order)} {system.name} batch {batch_size}: {figures}",
+                  file=sys.stderr, flush=True)
+    return measurements
+
+
+def run_bench(args) -> int:
+    names, ours = choose_systems(args)
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+    except ValueError:
+        raise SystemExit(f"--batch-sizes {args.batch_sizes!r}: expected comma-separated integers") from None
     threads = args.threads or os.cpu_count() or 1
     results = Path(args.results)
     cache = results / "cache"
@@ -121,25 +146,15 @@ def run_bench(args) -> int:
     load_before = os.getloadavg()[0]
     print(f"[bench] {len(systems)} systems x batch sizes {batch_sizes} x {args.repeats} repetitions, "
           f"{threads} threads each (load average now {load_before:.2f})", file=sys.stderr, flush=True)
-    measurements = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
-        for repeat in range(args.repeats):
-            order = [(system, size) for system in systems for size in batch_sizes]
-            for system, batch_size in order if repeat % 2 == 0 else order[::-1]:
-                result = measure(system, batch_size, workload, threads, Path(scratch))
-                measurements.append({"system": system.name, "batch_size": batch_size, "repeat": repeat, **result})
-                figures = (f"error: {result['error']}" if "error" in result else
-                           f"prefill {result['prefill_ms']:.1f} ms, decode {result['decode_tokens_per_second']:.1f} "
-                           f"tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, load {result['load_average']:.2f}")
-                print(f"[bench] {len(measurements)}/{args.repeats * len(order)} {system.name} batch {batch_size}: "
-                      f"{figures}", file=sys.stderr, flush=True)
+        measurements = run_all(systems, batch_sizes, args.repeats, workload, threads, Path(scratch))
     minutes = (time.perf_counter() - started) / 60
     load_after = os.getloadavg()[0]
 
     rows = summarise(measurements, names, {system.name for system in systems if system.ours}, batch_sizes)
     about = machine()
-    lines = [
+    print("\n".join([
         f"machine: {about['cpu']}, {about['cores']} cores, {about['platform']}; load average {load_before:.2f} "
         f"before, {load_after:.2f} after ({minutes:.1f} minutes)",
         "versions: " + ", ".join(f"{name} {number}" for name, number in versions().items()),
@@ -148,12 +163,11 @@ def run_bench(args) -> int:
         f"{threads} threads; {args.repeats} processes per figure",
         format_table(rows),
         token_agreement(measurements, names),
-    ]
-    print("\n".join(lines))
+    ]))
     report = {"command": sys.argv, "machine": about, "versions": versions(), "threads": threads,
-              "load_average": {"before": load_before, "after": load_after}, "workload": workload.to_json(),
-              "systems": [asdict(system) for system in systems], "summary": [asdict(row) for row in rows],
-              "measurements": measurements}
+              "load_average": {"before": load_before, "after": load_after}, "minutes": minutes,
+              "workload": workload.to_json(), "systems": [asdict(system) for system in systems],
+              "summary": [asdict(row) for row in rows], "measurements": measurements}
     (results / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
     chart = results / "bench.png"
     drawn = write_chart(rows, chart, f"{about['cpu']}, {threads} threads; median, min-max bars")
