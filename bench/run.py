@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -118,16 +119,23 @@ def run_all(systems: list[System], batch_sizes: list[int], repeats: int, workloa
     """Every system at every batch size, once per repetition, each repetition in the opposite order to the last."""
     order = [(system, size) for system in systems for size in batch_sizes]
     measurements = []
-    for repeat in range(repeats):
-        for system, batch_size in order if repeat % 2 == 0 else order[::-1]:
-            result = measure(system, batch_size, workload, threads, scratch)
-            measurements.append({"system": system.name, "batch_size": batch_size, "repeat": repeat, **result})
-            figures = (f"error: {result['error']}" if "error" in result else
-                       f"prefill {result['prefill_ms']:.1f} ms, decode {result['decode_tokens_per_second']:.1f} "
-                       f"tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, load average {result['load_average']:.2f}")
-            print(f"[bench] {len(measurements)}/{repeats * len(order)} {system.name} batch {batch_size}: {figures}",
-                  file=sys.stderr, flush=True)
+    try:
+        for repeat in range(repeats):
+            for system, batch_size in order if repeat % 2 == 0 else order[::-1]:
+                result = measure(system, batch_size, workload, threads, scratch)
+                measurements.append({"system": system.name, "batch_size": batch_size, "repeat": repeat, **result})
+                figures = (f"error: {result['error']}" if "error" in result else
+                           f"prefill {result['prefill_ms']:.1f} ms, decode {result['decode_tokens_per_second']:.1f} "
+                           f"tok/s, peak RSS {result['peak_rss_mb']:.0f} MB, load average {result['load_average']:.2f}")
+                print(f"[bench] {len(measurements)}/{repeats * len(order)} {system.name} batch {batch_size}: "
+                      f"{figures}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see run_bench): a long run still reports what it measured
+        print(f"[bench] interrupted: reporting the {len(measurements)} measurements made", file=sys.stderr)
     return measurements
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run_bench(args) -> int:
@@ -147,6 +155,7 @@ def run_bench(args) -> int:
     print(f"[bench] {len(systems)} systems x batch sizes {batch_sizes} x {args.repeats} repetitions, "
           f"{threads} threads each (load average now {load_before:.2f})", file=sys.stderr, flush=True)
     started = time.perf_counter()
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         measurements = run_all(systems, batch_sizes, args.repeats, workload, threads, Path(scratch))
     minutes = (time.perf_counter() - started) / 60
