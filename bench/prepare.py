@@ -5,6 +5,8 @@ exports of that folder. Each is made in a child process, written aside and moved
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -76,9 +78,25 @@ def genai_model(cache: Path, precision: str) -> Path:
              "-p", precision, "-e", "cpu", "-c", scratch])
 
 
+def exporter_fingerprint() -> str:
+    """A hash of the code an export runs (the export and model packages), so that an artifact cached by older
+    code is never measured as today's."""
+    digest = hashlib.sha256()
+    for package in ("export", "model"):
+        folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def our_artifact(cache: Path) -> Path:
-    """Our fp32 artifact of the default model, exported (and parity-certified) by `gptserve export`."""
+    """Our fp32 artifact of the default model, exported (and parity-certified) by today's exporter; artifacts
+    of earlier exporter code are deleted."""
+    folder = cache / f"onnx-fp32-{exporter_fingerprint()}"
+    for stale in cache.glob("onnx-fp32-*"):
+        if stale != folder:
+            shutil.rmtree(stale)
     script = ("import sys; from export.exporter import export; from model.spec import DEFAULT_MODEL; "
               "export(DEFAULT_MODEL, sys.argv[1])")
-    return _make_once(cache / "onnx-fp32", "manifest.json", "exporting the default model to an fp32 artifact",
+    return _make_once(folder, "manifest.json", "exporting the default model to an fp32 artifact",
                       [sys.executable, "-c", script, "{out}"])

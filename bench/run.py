@@ -167,6 +167,7 @@ def run_bench(args) -> int:
         f"machine: {about['cpu']}, {about['cores']} cores, {about['platform']}; load average {load_before:.2f} "
         f"before, {load_after:.2f} after ({minutes:.1f} minutes)",
         "versions: " + ", ".join(f"{name} {number}" for name, number in versions().items()),
+        *(f"{system.name}: {system.path}" for system in systems if system.kind == "onnx"),
         f"workload: default model; prefill {len(workload.prefill_ids)} tokens; decode {len(workload.decode_ids)}-token "
         f"chat prompt + {workload.new_tokens} greedy tokens (EOS suppressed); batch B = B copies; "
         f"{threads} threads; {args.repeats} processes per figure",
