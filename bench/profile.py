@@ -1,6 +1,6 @@
 """Where our ONNX decode step spends its time: ONNX Runtime's profiler over greedy decode steps, summed per op type.
 
-  python -m bench.profile --artifacts bench-results/cache/onnx-fp32 [--batch-size 1] [--context 60]
+  python -m bench.profile [--artifacts DIR] [--batch-size 1] [--context 60]
 
 The session has the engine's settings (those of export.runtime.create_session) plus the profiler; only the decode
 steps whose context lies within --window of --context are counted, so the prefill and warm-up are left out.
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from bench.prepare import our_artifact
 from bench.workload import default_workload
 from export.artifact import read_manifest
 from export.contract import empty_past, feed
@@ -84,13 +85,14 @@ def format_profile(profile: dict, top: int = 12) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifacts", default="bench-results/cache/onnx-fp32", help="our artifact folder")
+    parser.add_argument("--artifacts", help="our artifact folder (default: `gptserve bench`'s cached fp32 export)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--context", type=int, default=60, help="profile decode steps around this many tokens")
     parser.add_argument("--window", type=int, default=8, help="steps with context within this of --context count")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     args = parser.parse_args()
-    profile = profile_decode(Path(args.artifacts), args.batch_size, args.context, args.window, args.threads)
+    folder = Path(args.artifacts) if args.artifacts else our_artifact(Path("bench-results") / "cache")
+    profile = profile_decode(folder, args.batch_size, args.context, args.window, args.threads)
     print(format_profile(profile))
 
 

@@ -111,8 +111,8 @@ def write_chart(rows: list[Row], path: Path, title: str) -> bool:
     by_key = {(row.system, row.batch_size): row for row in rows if row.runs}
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     width = 0.8 / len(systems)
-    for axis, field, title in ((axes[0], "decode_tokens_per_second", "decode tokens/s (higher is better)"),
-                               (axes[1], "prefill_ms", "prefill ms, 128 tokens (lower is better)")):
+    for axis, field, heading in ((axes[0], "decode_tokens_per_second", "decode tokens/s (higher is better)"),
+                                 (axes[1], "prefill_ms", "prefill ms, 128 tokens (lower is better)")):
         for index, system in enumerate(systems):
             spreads = [getattr(by_key[(system, size)], field) if (system, size) in by_key else None
                        for size in batch_sizes]
@@ -122,7 +122,7 @@ def write_chart(rows: list[Row], path: Path, title: str) -> bool:
             positions = [group + (index - (len(systems) - 1) / 2) * width for group in range(len(batch_sizes))]
             axis.bar(positions, medians, width, yerr=errors, capsize=2, label=system)
         axis.set_xticks(range(len(batch_sizes)), [f"batch {size}" for size in batch_sizes])
-        axis.set_title(title, fontsize=10)
+        axis.set_title(heading, fontsize=10)
     axes[0].legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()

@@ -150,7 +150,10 @@ def run_bench(args) -> int:
     cache.mkdir(parents=True, exist_ok=True)
 
     workload = default_workload(args.new_tokens)
-    systems = [prepare_system(name, ours, cache) for name in names]
+    try:
+        systems = [prepare_system(name, ours, cache) for name in names]
+    except prepare.PrepareError as error:
+        raise SystemExit(str(error)) from None
     load_before = os.getloadavg()[0]
     print(f"[bench] {len(systems)} systems x batch sizes {batch_sizes} x {args.repeats} repetitions, "
           f"{threads} threads each (load average now {load_before:.2f})", file=sys.stderr, flush=True)
@@ -159,6 +162,8 @@ def run_bench(args) -> int:
     with tempfile.TemporaryDirectory(dir=cache) as scratch:
         measurements = run_all(systems, batch_sizes, args.repeats, workload, threads, Path(scratch))
     minutes = (time.perf_counter() - started) / 60
+    expected = args.repeats * len(systems) * len(batch_sizes)
+    interrupted = len(measurements) < expected
     load_after = os.getloadavg()[0]
 
     rows = summarise(measurements, names, {system.name for system in systems if system.ours}, batch_sizes)
@@ -171,11 +176,13 @@ def run_bench(args) -> int:
         f"workload: default model; prefill {len(workload.prefill_ids)} tokens; decode {len(workload.decode_ids)}-token "
         f"chat prompt + {workload.new_tokens} greedy tokens (EOS suppressed); batch B = B copies; "
         f"{threads} threads; {args.repeats} processes per figure",
+        *([f"INTERRUPTED: {len(measurements)} of {expected} measurements made"] if interrupted else []),
         format_table(rows),
         token_agreement(measurements, names),
     ]))
     report = {"command": sys.argv, "machine": about, "versions": versions(), "threads": threads,
               "load_average": {"before": load_before, "after": load_after}, "minutes": minutes,
+              "interrupted": interrupted,
               "workload": workload.to_json(), "systems": [asdict(system) for system in systems],
               "summary": [asdict(row) for row in rows], "measurements": measurements}
     (results / "bench.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -183,4 +190,4 @@ def run_bench(args) -> int:
     drawn = write_chart(rows, chart, f"{about['cpu']}, {threads} threads; median, min-max bars")
     print(f"figures in {results / 'bench.json'}" + (f", chart in {chart}" if drawn else
                                                     " (no chart: pip install matplotlib)"))
-    return 1 if any("error" in item for item in measurements) else 0
+    return 130 if interrupted else 1 if any("error" in item for item in measurements) else 0
