@@ -280,19 +280,8 @@ class Scheduler:
             for handle in handles:
                 self._end(handle, EngineFailure(f"the engine failed on this request's prompt: {error}"))
             return
-        cache, keep = BatchCache(present, attention_mask), []
-        for row, handle in enumerate(handles):
-            try:
-                event = handle.sequence.step(logits[row])
-            except Exception as error:
-                log.exception("sampling failed for request %s", handle.request.request_id)
-                self._end(handle, EngineFailure(f"choosing the next token failed: {error}"))
-                continue
-            self._emit(handle, event)
-            if handle.sequence.finished:
-                self._end(handle)
-            else:
-                keep.append(row)
+        cache = BatchCache(present, attention_mask)
+        keep = self._take_tokens(handles, logits)
         if keep:
             self._batch = BatchCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
             self._rows += [handles[row] for row in keep]
@@ -310,8 +299,13 @@ class Scheduler:
             self._fail_everything(list(rows), EngineFailure(f"the engine failed during a decode step: {error}"))
             return
         batch.extend(present)
+        keep = self._take_tokens(rows, logits)
+        self._keep_rows(keep)
+
+    def _take_tokens(self, handles: list, logits: np.ndarray) -> list[int]:
+        """Each row's next token from its logits (B, V), sent on; returns the rows still running."""
         keep = []
-        for row, handle in enumerate(rows):
+        for row, handle in enumerate(handles):
             try:
                 event = handle.sequence.step(logits[row])
             except Exception as error:
@@ -323,7 +317,7 @@ class Scheduler:
                 self._end(handle)
             else:
                 keep.append(row)
-        self._keep_rows(keep)
+        return keep
 
     def _keep_rows(self, rows: list[int]) -> None:
         if len(rows) == len(self._rows):
