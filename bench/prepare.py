@@ -78,6 +78,16 @@ def genai_model(cache: Path, precision: str) -> Path:
              "-p", precision, "-e", "cpu", "-c", scratch])
 
 
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def llama_cpp(cache: Path) -> Path:
+    """llama.cpp's Python binding, compiled from source for this CPU (about 7 minutes on 2 cores) into a folder
+    of its own: kept out of the project's environment, which CI builds from scratch."""
+    return _make_once(cache / "llama-cpp-python", "llama_cpp/__init__.py", f"compiling {LLAMA_CPP_PYTHON}",
+                      [sys.executable, "-m", "pip", "install", "--no-input", "--target", "{out}", LLAMA_CPP_PYTHON])
+
+
 def exporter_fingerprint() -> str:
     """A hash of the code an export runs (the export and model packages), so that an artifact cached by older
     code is never measured as today's."""

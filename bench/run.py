@@ -6,6 +6,7 @@ with Hugging Face transformers and onnxruntime-genai, in one run.
   transformers   AutoModelForCausalLM.generate() on the same weights (fp32, from a folder written from the GGUF)
   genai-fp32     onnxruntime-genai on its model builder's fp32 export of that folder
   genai-int4     the same, int4 (its builder's own quantization)
+  llama.cpp      llama.cpp on the Q4_1 GGUF itself (llama-cpp-python, compiled into the cache on first use)
 
 Every figure comes from a fresh process (`python -m bench.runners`), one per system, batch size and repetition,
 so a system's peak memory is its own; each repetition runs the systems in the opposite order to the last, so
@@ -30,14 +31,14 @@ from bench import prepare
 from bench.report import format_table, summarise, token_agreement, write_chart
 from bench.workload import Workload, default_workload
 
-BASELINES = ("transformers", "genai-fp32", "genai-int4")
+BASELINES = ("transformers", "genai-fp32", "genai-int4", "llama.cpp")
 CHILD_TIMEOUT = 1800  # seconds for one measurement process, loading included
 
 
 @dataclass(frozen=True)
 class System:
     name: str
-    kind: str  # eager | onnx | transformers | genai
+    kind: str  # eager | onnx | transformers | genai | llama.cpp
     path: str | None  # the folder it loads
     ours: bool
 
@@ -65,6 +66,8 @@ def prepare_system(name: str, ours: dict[str, str | None], cache: Path) -> Syste
         return System(name, "onnx", ours[name] or str(prepare.our_artifact(cache)), True)
     if name == "transformers":
         return System(name, "transformers", str(prepare.hf_folder(cache)), False)
+    if name == "llama.cpp":
+        return System(name, "llama.cpp", str(prepare.llama_cpp(cache)), False)
     return System(name, "genai", str(prepare.genai_model(cache, name.removeprefix("genai-"))), False)
 
 
@@ -150,10 +153,16 @@ def run_bench(args) -> int:
     cache.mkdir(parents=True, exist_ok=True)
 
     workload = default_workload(args.new_tokens)
-    try:
-        systems = [prepare_system(name, ours, cache) for name in names]
-    except prepare.PrepareError as error:
-        raise SystemExit(str(error)) from None
+    systems = []
+    for name in list(names):
+        try:
+            systems.append(prepare_system(name, ours, cache))
+        except prepare.PrepareError as error:
+            if name != "llama.cpp":
+                raise SystemExit(str(error)) from None
+            # The one baseline compiled from source: where it does not build, the run goes on without it.
+            print(f"[bench] leaving llama.cpp out: {error}", file=sys.stderr, flush=True)
+            names.remove(name)
     load_before = os.getloadavg()[0]
     print(f"[bench] {len(systems)} systems x batch sizes {batch_sizes} x {args.repeats} repetitions, "
           f"{threads} threads each (load average now {load_before:.2f})", file=sys.stderr, flush=True)

@@ -135,6 +135,65 @@ class GenaiRunner:
         return stamps, np.array(tokens)
 
 
+class LlamaCppRunner:
+    """llama.cpp on the Q4_1 GGUF itself, through its C API (llama-cpp-python's ctypes layer): each row is a
+    sequence of its own in one shared batch, so B rows decode in one llama_decode call, as B rows do in ours."""
+
+    MAX_BATCH_ROWS = 8
+
+    def __init__(self, folder: str, threads: int, eos_token_ids: list[int]) -> None:
+        sys.path.insert(0, folder)
+        import llama_cpp
+
+        from model.fetch import fetch_default_gguf
+
+        self.api = api = llama_cpp
+        api.llama_backend_init()
+        self.model = api.llama_model_load_from_file(str(fetch_default_gguf()).encode(), api.llama_model_default_params())
+        params = api.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = 4096, 2048, 2048
+        params.n_seq_max, params.n_threads, params.n_threads_batch = self.MAX_BATCH_ROWS, threads, threads
+        self.context = api.llama_init_from_model(self.model, params)
+        self.vocab_size = api.llama_vocab_n_tokens(api.llama_model_get_vocab(self.model))
+        self.eos_token_ids = eos_token_ids
+        self.batch = api.llama_batch_init(2048, 0, self.MAX_BATCH_ROWS)
+
+    def _forward(self, rows: np.ndarray, start: int) -> np.ndarray:
+        """Appends rows (B, T) at positions start.. of sequences 0..B-1; the last position's logits (B, V)."""
+        batch, (batch_size, length) = self.batch, rows.shape
+        batch.n_tokens = batch_size * length
+        for index, (row, column) in enumerate(np.ndindex(batch_size, length)):
+            batch.token[index], batch.pos[index] = int(rows[row, column]), start + column
+            batch.n_seq_id[index], batch.seq_id[index][0] = 1, row
+            batch.logits[index] = column == length - 1
+        if self.api.llama_decode(self.context, batch):
+            raise RuntimeError("llama_decode failed")
+        return np.stack([np.ctypeslib.as_array(self.api.llama_get_logits_ith(self.context, (row + 1) * length - 1),
+                                               shape=(self.vocab_size,)).copy() for row in range(batch_size)])
+
+    def _clear(self) -> None:
+        self.api.llama_memory_clear(self.api.llama_get_memory(self.context), True)
+
+    def prefill(self, prompt: np.ndarray) -> float:
+        self._clear()
+        started = time.perf_counter()
+        self._forward(prompt, 0)
+        return time.perf_counter() - started
+
+    def decode(self, prompt: np.ndarray, new_tokens: int) -> tuple[list[float], np.ndarray]:
+        self._clear()
+        logits, position, stamps, tokens = self._forward(prompt, 0), prompt.shape[1], [], []
+        for step in range(new_tokens):
+            logits[:, self.eos_token_ids] = -np.inf  # as for our engines
+            next_ids = logits.argmax(-1)  # (B,)
+            stamps.append(time.perf_counter())
+            tokens.append(next_ids)
+            if step + 1 < new_tokens:
+                logits = self._forward(next_ids[:, None], position)
+                position += 1
+        return stamps, np.stack(tokens, axis=1)
+
+
 def load_runner(system: dict, threads: int, eos_token_ids: list[int]) -> Runner:
     kind, path = system["kind"], system["path"]
     if kind == "eager":
@@ -153,6 +212,8 @@ def load_runner(system: dict, threads: int, eos_token_ids: list[int]) -> Runner:
         return TransformersRunner(path, threads)
     if kind == "genai":
         return GenaiRunner(path, threads)
+    if kind == "llama.cpp":
+        return LlamaCppRunner(path, threads, eos_token_ids)
     raise ValueError(f"unknown system kind {kind!r}")
 
 

@@ -3,7 +3,6 @@ into place as an artifact folder."""
 
 from __future__ import annotations
 
-import copy
 import shutil
 import sys
 import tempfile
@@ -19,31 +18,20 @@ from export.artifact import (
     FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
 )
 from export.contract import graph_contract, past_names, present_names
+from export.fused import ExportedGPT
 from export.parity import CANARY_TEXT, certify
 from export.quantize import PRECISIONS, convert
 from export.runtime import create_session
 from model.gpt import GPT
 from model.spec import Pretrained, load_pretrained
 
-# Opset 23: torch's fused attention becomes the ONNX Attention op and rms_norm RMSNormalization, one node each
-# where opset 20 spells them out in a dozen small ops per layer.
+# Opset 23: rotary positions are one RotaryEmbedding node (the contrib kernels come from export.fused).
 OPSET = 23
 SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
 
 
 def progress(message: str) -> None:
     print(f"[export] {message}", file=sys.stderr, flush=True)
-
-
-class _FlatPast(torch.nn.Module):
-    """The GPT with its past as one nested tuple argument, the shape torch.export's dynamic_shapes follow."""
-
-    def __init__(self, model: GPT) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, past_key_values):
-        return self.model(input_ids, attention_mask, past_key_values)
 
 
 def export_graph(model: GPT, path: Path) -> None:
@@ -59,9 +47,8 @@ def export_graph(model: GPT, path: Path) -> None:
     # T = 2 in the example: an example with T = 1 silently fixes the sequence axis to 1.
     input_ids = torch.zeros((2, 2), dtype=torch.int64)
     attention_mask = torch.ones((2, 2), dtype=torch.int64)
-    exported = copy.deepcopy(model).use_fused_attention()
     program = torch.onnx.export(
-        _FlatPast(exported).eval(), (input_ids, attention_mask, model.empty_past(2)),
+        ExportedGPT(model), (input_ids, attention_mask, model.empty_past(2)),
         dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET, optimize=True,
         input_names=["input_ids", "attention_mask", *past_names(config.n_layer)],
         output_names=["logits", *present_names(config.n_layer)],

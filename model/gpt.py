@@ -40,12 +40,32 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary angles for each position: cos and sin, each (B, 1, T, D), halves repeated."""
+def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Rotary angles of each position, (..., D/2): position * theta^(-2i/D)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
+    return position_ids.to(torch.float32)[..., None] * inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (B, 1, T, D), halves repeated."""
+    freqs = rope_angles(position_ids, head_dim, theta)  # (B, T, D/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
     return angles.cos(), angles.sin()
+
+
+def attention_mask_parts(attention_mask: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the (B, P+T) mask: the new tokens' positions (B, T) and which keys each may see (B, 1, T, P+T)."""
+    total = attention_mask.shape[1]  # P+T
+    # Positions count real tokens only, so left-padded rows of different lengths line up.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
+    key_index = torch.arange(total, device=attention_mask.device)  # (P+T,)
+    query_index = torch.arange(total - T, total, device=attention_mask.device)  # (T,) positions of the new tokens
+    causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
+    # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
+    # under fused kernels and fp16); real rows never see padding.
+    itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
+    allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
+    return position_ids, allowed
 
 
 class CausalSelfAttention(nn.Module):
@@ -57,9 +77,6 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
-        # The export sets this: the same attention through torch's fused kernel, which becomes one ONNX
-        # Attention op (grouped-query heads without copies). The textbook path below is the reference.
-        self.fused = False
 
     def forward(
         self,
@@ -80,11 +97,6 @@ class CausalSelfAttention(nn.Module):
             k = k * cos + rotate_half(k) * sin
         k = torch.cat((past_key, k), dim=2)  # (B, KV, P+T, D)
         v = torch.cat((past_value, v), dim=2)  # (B, KV, P+T, D)
-        if self.fused:
-            bias = torch.zeros_like(allowed, dtype=q.dtype).masked_fill(~allowed, torch.finfo(q.dtype).min)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=H != KV,
-                                               dropout_p=self.attn_dropout.p if self.training else 0.0)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D)), (k, v)
         # Grouped-query attention: query head h reads key/value head h // (H / KV).
         k_heads = k.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
         v_heads = v.repeat_interleave(H // KV, dim=1)  # (B, H, P+T, D)
@@ -140,11 +152,6 @@ class GPT(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
 
-    def use_fused_attention(self, fused: bool = True) -> "GPT":
-        for block in self.blocks:
-            block.attn.fused = fused
-        return self
-
     def empty_past(self, batch_size: int) -> PastKeyValues:
         shape = (batch_size, self.config.kv_heads, 0, self.config.head_dim)
         return tuple((self.wte.weight.new_zeros(shape), self.wte.weight.new_zeros(shape)) for _ in self.blocks)
@@ -158,16 +165,7 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         if past_key_values is None:
             past_key_values = self.empty_past(B)
-        total = attention_mask.shape[1]  # P+T
-        # Positions count real tokens only, so left-padded rows of different lengths line up.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
-        key_index = torch.arange(total, device=input_ids.device)  # (P+T,)
-        query_index = torch.arange(total - T, total, device=input_ids.device)  # (T,) positions of the new tokens
-        causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
-        # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
-        # under fused kernels and fp16); real rows never see padding.
-        itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
-        allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
+        position_ids, allowed = attention_mask_parts(attention_mask, T)
 
         x = self.wte(input_ids)  # (B, T, C)
         rope = None

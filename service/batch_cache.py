@@ -15,7 +15,8 @@ def on_host(tensor) -> np.ndarray:
 
 
 class BatchCache:
-    """past: flat per-layer [key, value, ...], each (B, KV, P, D); mask: (B, P), 1 where a row has a token."""
+    """past: flat per-layer [key, value, ...], each (B, KV, capacity, D); mask: (B, P), 1 where a row has a
+    token. The first P positions of each buffer are the cache; any beyond are room for the engine to fill."""
 
     def __init__(self, past: list[np.ndarray], mask: np.ndarray) -> None:
         self.past, self.mask = past, mask
@@ -37,9 +38,11 @@ class BatchCache:
     def join(caches: list["BatchCache"]) -> "BatchCache":
         """Stacks batches, left-padding the shorter ones with masked zeros."""
         caches = [cache for cache in caches if cache is not None and cache.size]
+        if len(caches) == 1:
+            return caches[0]
         width = max(cache.length for cache in caches)
         padded = [cache._pad_left(width - cache.length) for cache in caches]
-        past = [np.concatenate([on_host(tensor) for tensor in tensors], axis=0)
+        past = [np.concatenate([on_host(tensor)[:, :, :width] for tensor in tensors], axis=0)
                 for tensors in zip(*(cache.past for cache in padded))]
         return BatchCache(past, np.concatenate([cache.mask for cache in padded], axis=0))
 
@@ -48,10 +51,11 @@ class BatchCache:
         mask = self.mask[rows]
         used = np.flatnonzero(mask.any(axis=0))
         start = int(used[0]) if len(used) else mask.shape[1]
-        return BatchCache([on_host(tensor)[rows, :, start:] for tensor in self.past], mask[:, start:])
+        return BatchCache([on_host(tensor)[rows, :, start:self.length] for tensor in self.past], mask[:, start:])
 
     def _pad_left(self, columns: int) -> "BatchCache":
         if not columns:
             return self
-        past = [np.pad(on_host(tensor), ((0, 0), (0, 0), (columns, 0), (0, 0))) for tensor in self.past]
+        past = [np.pad(on_host(tensor)[:, :, :self.length], ((0, 0), (0, 0), (columns, 0), (0, 0)))
+                for tensor in self.past]
         return BatchCache(past, np.pad(self.mask, ((0, 0), (columns, 0))))

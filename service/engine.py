@@ -6,15 +6,29 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from export.artifact import ArtifactError, read_manifest, verify_files
-from export.contract import empty_past, feed, past_names, present_names
+from export.contract import empty_past, past_names, present_names
 from export.runtime import create_session
 from model.tokenizer import Tokenizer
 
 log = logging.getLogger("gptserve.engine")
 
 CANARY_STEPS = 8  # greedy steps re-run at start: enough to catch a wrong build, cheap enough for every start
+KV_GROWTH = 64  # positions of room a KV buffer gains at least when it grows (it at least doubles, too)
+
+
+def with_room(tensor: np.ndarray, needed: int, limit: int) -> np.ndarray:
+    """The KV buffer (B, KV, capacity, D) itself when it holds `needed` positions, else a larger copy: it grows
+    geometrically (up to the context length), so a sequence's cache is copied a few times, not at every step."""
+    capacity = tensor.shape[2]
+    if capacity >= needed and tensor.flags.c_contiguous:  # the kernel writes through the raw pointer
+        return tensor
+    grown = np.zeros((*tensor.shape[:2], max(needed, min(limit, max(2 * capacity, needed + KV_GROWTH))),
+                      tensor.shape[3]), dtype=tensor.dtype)
+    grown[:, :, :min(capacity, needed)] = tensor[:, :, :needed]
+    return grown
 
 
 class Engine:
@@ -50,14 +64,31 @@ class Engine:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
         """input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...] each (B, KV, P, D).
-        Returns all logits (B, T, V) and the present, in the same flat layout with P+T positions."""
+        Returns all logits (B, T, V) and the present, in the same flat layout, holding P+T positions.
+
+        On CPU the present is the past's own buffers, grown when needed, with the new positions written in:
+        positions beyond the mask's width are room, not cache, and the caller's past must not be reused."""
         if past is None:
             past = self.empty_past(input_ids.shape[0])
         if self.on_device:
             return self._forward_on_device(input_ids, attention_mask, past)
-        # On CPU, run() hands back its output buffers without a copy, so the KV cache stays numpy.
-        logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past))
-        return logits, present
+        return self._forward_in_place(input_ids, attention_mask, past)
+
+    def _forward_in_place(self, input_ids, attention_mask, past):
+        """CPU: each layer's past and present are bound to one buffer, so GroupQueryAttention appends the new
+        keys and values where they belong instead of copying the whole cache into a new present every step."""
+        past = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", input_ids)
+        binding.bind_cpu_input("attention_mask", attention_mask)
+        binding.bind_output("logits")
+        for past_name, present_name, tensor in zip(past_names(self.graph["n_layer"]),
+                                                   present_names(self.graph["n_layer"]), past):
+            buffer = ort.OrtValue.ortvalue_from_numpy(tensor)  # shares the numpy array's memory
+            binding.bind_ortvalue_input(past_name, buffer)
+            binding.bind_ortvalue_output(present_name, buffer)
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), past
 
     def _forward_on_device(self, input_ids, attention_mask, past):
         """CUDA: the presents stay on the GPU as OrtValues and come back as the next step's past (IO binding);

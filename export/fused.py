@@ -1,0 +1,99 @@
+"""The exported form of the GPT: the same weights and the same function, arranged for ONNX Runtime's fused kernels.
+
+Per block the graph holds one norm that also adds the residual (Skip[Simplified]LayerNormalization), one MatMul
+for Q, K and V together, rotary as ONNX RotaryEmbedding, one GroupQueryAttention (grouped heads, the KV cache
+concatenation, the causal mask and the padding bias in a single kernel) and the MLP: about a dozen kernels a
+block where the traced textbook module makes forty.
+
+This module is only traced for export, never run: the ONNX Runtime contrib ops exist in the trace as
+`torch.onnx.ops.symbolic` placeholders. That it computes exactly what `model.gpt.GPT` computes is what the
+parity certification proves, against the textbook model in float64.
+
+Rotary stays outside GroupQueryAttention: on a prompt the kernel takes only each row's first position id and
+counts up from it, which puts a left-padded row's tokens at the wrong positions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.gpt import GPT, PastKeyValues, attention_mask_parts, rope_angles
+
+MICROSOFT = "com.microsoft::"
+
+
+def skip_norm(x: torch.Tensor, skip: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm(x + skip) and x + skip, in one kernel."""
+    rms = not isinstance(norm, nn.LayerNorm)
+    inputs = [x, skip, norm.weight] if rms else [x, skip, norm.weight, norm.bias]
+    stats = (*x.shape[:-1], 1)
+    normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
+        MICROSOFT + ("SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"), inputs,
+        {"epsilon": float(norm.eps)}, dtypes=[x.dtype] * 4, shapes=[x.shape, stats, stats, x.shape], version=1)
+    return normed, total
+
+
+class ExportedGPT(nn.Module):
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.model, self.config = model.eval(), model.config
+        config = self.config
+        self.H, self.KV, self.D = config.n_head, config.kv_heads, config.head_dim
+        for index, block in enumerate(model.blocks):
+            attention = block.attn
+            parts = (attention.q_proj, attention.k_proj, attention.v_proj)
+            self.register_buffer(f"qkv_weight_{index}", torch.cat([part.weight for part in parts]), persistent=False)
+            if config.bias:
+                self.register_buffer(f"qkv_bias_{index}", torch.cat([part.bias for part in parts]), persistent=False)
+        if config.positions == "rope":
+            # (context_length, D/2) angles, computed as the eager model computes them.
+            angles = rope_angles(torch.arange(config.context_length), config.head_dim, config.rope_theta)
+            self.register_buffer("cos_cache", angles.cos(), persistent=False)
+            self.register_buffer("sin_cache", angles.sin(), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: PastKeyValues):
+        model, config = self.model, self.config
+        T = input_ids.shape[1]
+        total = attention_mask.shape[1]
+        position_ids, allowed = attention_mask_parts(attention_mask, T)
+        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        seqlens_k = torch.full_like(attention_mask[:, 0], total - 1).to(torch.int32)  # (B,)
+        total_length = torch.tensor(total, dtype=torch.int32)  # a scalar tensor, as the kernel wants it
+
+        x = model.wte(input_ids)  # (B, T, C)
+        if config.positions == "learned":
+            x = x + model.wpe(position_ids)
+        residual, hidden = x, model.blocks[0].norm_1(x)
+        presents = []
+        for index, (block, (past_key, past_value)) in enumerate(zip(model.blocks, past_key_values)):
+            attended, present = self.attention(index, hidden, position_ids, bias, seqlens_k, total_length,
+                                               past_key, past_value)
+            presents.append(present)
+            hidden, residual = skip_norm(attended, residual, block.norm_2)
+            next_norm = model.blocks[index + 1].norm_1 if index + 1 < len(model.blocks) else model.norm_f
+            hidden, residual = skip_norm(block.mlp(hidden), residual, next_norm)
+        head = model.wte.weight if config.tie_embeddings else model.lm_head.weight
+        return F.linear(hidden, head), tuple(presents)
+
+    def attention(self, index, x, position_ids, bias, seqlens_k, total_length, past_key, past_value):
+        H, KV, D = self.H, self.KV, self.D
+        B, T, _ = x.shape
+        qkv = F.linear(x, getattr(self, f"qkv_weight_{index}"), getattr(self, f"qkv_bias_{index}", None))
+        if self.config.positions == "rope":
+            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+            q = torch.onnx.ops.rotary_embedding(q, self.cos_cache, self.sin_cache, position_ids, num_heads=H)
+            k = torch.onnx.ops.rotary_embedding(k, self.cos_cache, self.sin_cache, position_ids, num_heads=KV)
+            inputs = [q, k, v]
+        else:
+            inputs = [qkv, None, None]  # packed: the kernel splits Q, K and V itself
+        present_shape = (B, KV, past_key.shape[2] + T, D)
+        out, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
+            MICROSOFT + "GroupQueryAttention",
+            [*inputs, past_key, past_value, seqlens_k, total_length, None, None, None, bias],
+            {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D)},
+            dtypes=[x.dtype] * 3, shapes=[(B, T, H * D), present_shape, present_shape], version=1)
+        return self.model.blocks[index].attn.o_proj(out), (present_key, present_value)
