@@ -99,14 +99,14 @@ def exporter_fingerprint() -> str:
     return digest.hexdigest()[:12]
 
 
-def our_artifact(cache: Path) -> Path:
-    """Our fp32 artifact of the default model, exported (and parity-certified) by today's exporter; artifacts
-    of earlier exporter code are deleted."""
-    folder = cache / f"onnx-fp32-{exporter_fingerprint()}"
-    for stale in cache.glob("onnx-fp32-*"):
+def our_artifact(cache: Path, precision: str = "fp32") -> Path:
+    """Our artifact of the default model at this precision, exported (and certified) by today's exporter;
+    artifacts of earlier exporter code are deleted."""
+    folder = cache / f"onnx-{precision}-{exporter_fingerprint()}"
+    for stale in cache.glob(f"onnx-{precision}-*"):
         if stale != folder:
             shutil.rmtree(stale)
     script = ("import sys; from export.exporter import export; from model.spec import DEFAULT_MODEL; "
-              "export(DEFAULT_MODEL, sys.argv[1])")
-    return _make_once(folder, "manifest.json", "exporting the default model to an fp32 artifact",
-                      [sys.executable, "-c", script, "{out}"])
+              "export(DEFAULT_MODEL, sys.argv[1], precision=sys.argv[2])")
+    return _make_once(folder, "manifest.json", f"exporting the default model to an {precision} artifact",
+                      [sys.executable, "-c", script, "{out}", precision])

@@ -1,4 +1,5 @@
-"""Where our ONNX decode step spends its time: ONNX Runtime's profiler over greedy decode steps, summed per op type.
+"""Where our ONNX decode step spends its time: ONNX Runtime's profiler over the engine's greedy decode steps,
+summed per op type.
 
   python -m bench.profile [--artifacts DIR] [--batch-size 1] [--context 60]
 
@@ -21,7 +22,8 @@ import onnxruntime as ort
 from bench.prepare import our_artifact
 from bench.workload import default_workload
 from export.artifact import read_manifest
-from export.contract import empty_past, feed
+from model.tokenizer import Tokenizer
+from service.engine import Engine
 
 
 def profiling_session(graph_path: Path, threads: int | None, prefix: str) -> ort.InferenceSession:
@@ -43,12 +45,13 @@ def profile_decode(folder: Path, batch_size: int, context: int, window: int, thr
     assert len(prompt) < context - window, f"the {len(prompt)}-token prompt is longer than the profiled contexts"
     with tempfile.TemporaryDirectory() as scratch:
         session = profiling_session(folder / graph["file"], threads, os.path.join(scratch, "decode"))
+        engine = Engine(folder, manifest, session, Tokenizer.from_folder(folder))  # its steps, on this session
         input_ids = np.tile(np.array(prompt, dtype=np.int64), (batch_size, 1))  # (B, T)
-        attention_mask, past, contexts = np.ones_like(input_ids), empty_past(graph, batch_size), []
+        attention_mask, past, contexts = np.ones_like(input_ids), None, []
         while attention_mask.shape[1] < context + window:
             contexts.append(attention_mask.shape[1])  # P+T of this run
-            logits, *past = session.run(None, feed(graph, input_ids, attention_mask, past))
-            input_ids = logits[:, -1].argmax(-1)[:, None]  # (B, 1)
+            logits, past = engine.step(input_ids, attention_mask, past)
+            input_ids = logits.argmax(-1)[:, None]  # (B, 1)
             attention_mask = np.ones((batch_size, attention_mask.shape[1] + 1), dtype=np.int64)
         events = json.loads(Path(session.end_profiling()).read_text())
 

@@ -7,7 +7,13 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-BASELINES = ("genai-fp32", "transformers")  # our systems' ratios are quoted against these
+# Each of our systems is compared with the systems of its own precision: int4 with onnxruntime-genai's int4
+# build and llama.cpp on the Q4_1 file, the others with genai's fp32 build and transformers.
+COMPARISONS = {"int4": ("genai-int4", "llama.cpp"), "fp32": ("genai-fp32", "transformers")}
+
+
+def comparisons(system: str) -> tuple[str, str]:
+    return COMPARISONS["int4" if "int4" in system else "fp32"]
 
 
 @dataclass(frozen=True)
@@ -59,21 +65,22 @@ def _ratios(row: Row, baseline: Row | None) -> str:
 
 def format_table(rows: list[Row]) -> str:
     by_key = {(row.system, row.batch_size): row for row in rows}
-    header = (f"{'system':<14} {'batch':>5}  {'prefill ms':<24} {'decode tok/s':<24} {'peak RSS MB':>11}  "
-              + "  ".join(f"{'vs ' + name:<15}" for name in BASELINES))
-    lines = [header, "-" * len(header)]
+    header = f"{'system':<14} {'batch':>5}  {'prefill ms':<24} {'decode tok/s':<24} {'peak RSS MB':>11}  vs"
+    lines = [header, "-" * (len(header) + 40)]
     for row in rows:
         if not row.runs:
             lines.append(f"{row.system:<14} {row.batch_size:>5}  failed in all {row.failures} processes (see above)")
             continue
-        ratios = "  ".join(f"{_ratios(row, by_key.get((name, row.batch_size))):<15}" for name in BASELINES)
+        ratios = "  ".join(f"{name} {ratio}" for name in comparisons(row.system)
+                           if (ratio := _ratios(row, by_key.get((name, row.batch_size)))))
         failed = f"  ({row.failures} of {row.runs + row.failures} failed)" if row.failures else ""
         lines.append(f"{row.system:<14} {row.batch_size:>5}  {row.prefill_ms.format(1):<24} "
                      f"{row.decode_tokens_per_second.format(1):<24} {row.peak_rss_mb.median:>11.0f}  "
                      f"{ratios}{failed}".rstrip())
     lines.append("median [min-max] over processes; prefill: one forward over the whole batch; decode: tokens/s of "
                  "all rows together")
-    lines.append("vs X: our decode tok/s / X's, then X's prefill ms / ours (above 1: ours is faster)")
+    lines.append("vs X a / b: our decode tok/s over X's, then X's prefill ms over ours (above 1: ours is faster); "
+                 "int4 against int4 systems, the rest against fp32 ones")
     return "\n".join(lines)
 
 

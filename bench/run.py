@@ -2,7 +2,8 @@
 with Hugging Face transformers and onnxruntime-genai, in one run.
 
   eager          our PyTorch model (EagerStep), the reference path
-  onnx-fp32      our ONNX Runtime engine on our fp32 artifact (more of ours with --ours NAME=DIR)
+  onnx-fp32      our ONNX Runtime engine on our fp32 artifact
+  onnx-int4      the same on our int4 artifact (both exported into the cache; more of ours with --ours NAME=DIR)
   transformers   AutoModelForCausalLM.generate() on the same weights (fp32, from a folder written from the GGUF)
   genai-fp32     onnxruntime-genai on its model builder's fp32 export of that folder
   genai-int4     the same, int4 (its builder's own quantization)
@@ -43,9 +44,14 @@ class System:
     ours: bool
 
 
+# Our systems measured by default, and the precision each is exported at when no folder is given.
+OUR_EXPORTS = {"onnx-fp32": "fp32", "onnx-int4": "int4"}
+
+
 def parse_ours(values: list[str], artifacts: str | None) -> dict[str, str | None]:
-    """NAME=DIR pairs; onnx-fp32 is always there (None: exported into the cache when first needed)."""
-    ours: dict[str, str | None] = {"onnx-fp32": artifacts}
+    """NAME=DIR pairs, after onnx-fp32 (--artifacts) and onnx-int4 (None: exported into the cache when first
+    needed; NAME=DIR replaces them)."""
+    ours: dict[str, str | None] = {"onnx-fp32": artifacts, "onnx-int4": None}
     for value in values:
         name, separator, folder = value.partition("=")
         if not separator or not name or not folder:
@@ -63,7 +69,7 @@ def prepare_system(name: str, ours: dict[str, str | None], cache: Path) -> Syste
     if name == "eager":
         return System(name, "eager", None, True)
     if name in ours:
-        return System(name, "onnx", ours[name] or str(prepare.our_artifact(cache)), True)
+        return System(name, "onnx", ours[name] or str(prepare.our_artifact(cache, OUR_EXPORTS[name])), True)
     if name == "transformers":
         return System(name, "transformers", str(prepare.hf_folder(cache)), False)
     if name == "llama.cpp":

@@ -142,14 +142,20 @@ class LlamaCppRunner:
     MAX_BATCH_ROWS = 8
 
     def __init__(self, folder: str, threads: int, eos_token_ids: list[int]) -> None:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)  # after the environment's own packages (its numpy, say)
         import llama_cpp
 
         from model.fetch import fetch_default_gguf
 
         self.api = api = llama_cpp
+        self._silence = api.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
+        api.llama_log_set(self._silence, None)
         api.llama_backend_init()
-        self.model = api.llama_model_load_from_file(str(fetch_default_gguf()).encode(), api.llama_model_default_params())
+        model_params = api.llama_model_default_params()
+        # No repacked weight buffers: their AMX kernels crash on this VM's CPU, which reports AMX (the default
+        # CPU kernels for Q4_1 still use AVX-512 and VNNI).
+        model_params.use_extra_bufts = False
+        self.model = api.llama_model_load_from_file(str(fetch_default_gguf()).encode(), model_params)
         params = api.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = 4096, 2048, 2048
         params.n_seq_max, params.n_threads, params.n_threads_batch = self.MAX_BATCH_ROWS, threads, threads

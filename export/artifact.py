@@ -11,7 +11,8 @@ from pathlib import Path
 
 from model.fetch import sha256_file
 
-FORMAT = "gptserve-artifact/1"
+# 2: the fused graph (KV buffers with room are written in place; the optional logits_to_keep input).
+FORMAT = "gptserve-artifact/2"
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
 
@@ -29,7 +30,8 @@ def read_manifest(folder: str | Path) -> dict:
     except json.JSONDecodeError as error:
         raise ArtifactError(f"{path}: not valid JSON ({error})") from error
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
+                            "export it again with this version's `gptserve export`")
     return manifest
 
 
@@ -90,7 +92,8 @@ def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_
             "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config["context_length"],
             "min_length": 0, "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
-            # Our graph grows the KV cache by concatenation, so past and present cannot share one buffer.
+            # Separate past and present tensors: the form the certification runs. (Our engine binds both to one
+            # buffer on CPU; see service/engine.py.)
             "past_present_share_buffer": False,
         },
     }

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# A past may be longer than the mask's past part: the graph then treats it as a buffer with room and, when the
+# same buffer is bound as the present, appends the new positions in place (see export/fused.py).
 KV_LAYOUT = "[batch, kv_heads, sequence, head_dim]"
 
 
@@ -30,6 +32,8 @@ def graph_contract(n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int
             {"name": "logits", "dtype": "float32", "shape": ["batch", "sequence", vocab_size]},
             *({"name": name, "dtype": kv_dtype, "shape": kv_out} for name in present_names(n_layer)),
         ],
+        # Optional: without it the graph returns every position's logits (onnxruntime-genai feeds none).
+        "optional_inputs": [{"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}],
         "kv_layout": KV_LAYOUT,
         "n_layer": n_layer,
         "n_kv_heads": n_kv_heads,
@@ -47,6 +51,11 @@ def empty_past(graph: dict, batch_size: int) -> list[np.ndarray]:
     return [np.zeros(shape, dtype=kv_dtype(graph)) for _ in range(2 * graph["n_layer"])]
 
 
-def feed(graph: dict, input_ids: np.ndarray, attention_mask: np.ndarray, past: list) -> dict:
-    """The session inputs: past is the flat list [layer 0 key, layer 0 value, layer 1 key, ...]."""
-    return {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(past_names(graph["n_layer"]), past))}
+def feed(graph: dict, input_ids: np.ndarray, attention_mask: np.ndarray, past: list,
+         logits_to_keep: int | None = None) -> dict:
+    """The session inputs: past is the flat list [layer 0 key, layer 0 value, layer 1 key, ...];
+    logits_to_keep N asks for the last N positions' logits only (None: every position's)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(past_names(graph["n_layer"]), past))}
+    if logits_to_keep is not None:
+        inputs["logits_to_keep"] = np.array(logits_to_keep, dtype=np.int64)
+    return inputs

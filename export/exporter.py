@@ -18,7 +18,7 @@ from export.artifact import (
     FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
 )
 from export.contract import graph_contract, past_names, present_names
-from export.fused import ExportedGPT
+from export.fused import ExportedGPT, add_logits_to_keep
 from export.parity import CANARY_TEXT, certify
 from export.quantize import PRECISIONS, convert
 from export.runtime import create_session
@@ -54,7 +54,10 @@ def export_graph(model: GPT, path: Path) -> None:
         output_names=["logits", *present_names(config.n_layer)],
     )
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
-    program.save(path, external_data=weight_bytes > SINGLE_FILE_LIMIT)
+    proto = program.model_proto
+    add_logits_to_keep(proto)
+    onnx.save(proto, str(path), save_as_external_data=weight_bytes > SINGLE_FILE_LIMIT,
+              location=path.name + ".data", all_tensors_to_one_file=True)
 
 
 def source_is_quantized(source: Path) -> bool:

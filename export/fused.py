@@ -2,8 +2,12 @@
 
 Per block the graph holds one norm that also adds the residual (Skip[Simplified]LayerNormalization), one MatMul
 for Q, K and V together, rotary as ONNX RotaryEmbedding, one GroupQueryAttention (grouped heads, the KV cache
-concatenation, the causal mask and the padding bias in a single kernel) and the MLP: about a dozen kernels a
-block where the traced textbook module makes forty.
+append, the causal mask and the padding bias in a single kernel) and the MLP: about a dozen kernels a block
+where the traced textbook module makes forty.
+
+The KV inputs and outputs keep the contract's names and layout. A past with more positions than the attention
+mask's past part is a buffer with room: bound as both past and present, the kernel writes the new positions into
+it in place, and the cache is never copied (service/engine.py does this on CPU).
 
 This module is only traced for export, never run: the ONNX Runtime contrib ops exist in the trace as
 `torch.onnx.ops.symbolic` placeholders. That it computes exactly what `model.gpt.GPT` computes is what the
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +30,7 @@ from torch import nn
 from model.gpt import GPT, PastKeyValues, attention_mask_parts, rope_angles
 
 MICROSOFT = "com.microsoft::"
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def skip_norm(x: torch.Tensor, skip: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,3 +104,29 @@ class ExportedGPT(nn.Module):
             {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D)},
             dtypes=[x.dtype] * 3, shapes=[(B, T, H * D), present_shape, present_shape], version=1)
         return self.model.blocks[index].attn.o_proj(out), (present_key, present_value)
+
+
+def add_logits_to_keep(model: onnx.ModelProto) -> None:
+    """An optional scalar input: logits of the last N positions only (0, the default: of every position).
+    A prefill samples from its last position alone, and the LM head over every prompt position is about a fifth
+    of its work (and B x T x V floats written). Added to the ONNX graph itself: a default value for an input is
+    an ONNX initializer of the same name, which torch.export cannot express. Callers that do not know the input
+    (onnxruntime-genai) get every position, as before."""
+    graph = model.graph
+    head = next(node for node in graph.node if "logits" in node.output)
+    int64 = lambda name, value: onnx.numpy_helper.from_array(np.array(value, dtype=np.int64), name)
+    graph.input.append(onnx.helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, []))
+    graph.initializer.extend([int64(LOGITS_TO_KEEP, 0), int64("logits_to_keep.axis", [0]),
+                              int64("logits_to_keep.end", [np.iinfo(np.int64).max]),
+                              int64("logits_to_keep.sequence_axis", [1])])
+    kept = "logits_to_keep.hidden"
+    nodes = [
+        onnx.helper.make_node("Neg", [LOGITS_TO_KEEP], ["logits_to_keep.negated"]),
+        onnx.helper.make_node("Unsqueeze", ["logits_to_keep.negated", "logits_to_keep.axis"], ["logits_to_keep.start"]),
+        onnx.helper.make_node("Slice", [head.input[0], "logits_to_keep.start", "logits_to_keep.end",
+                                        "logits_to_keep.sequence_axis"], [kept]),
+    ]
+    index = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(index + offset, node)
+    head.input[0] = kept

@@ -57,16 +57,23 @@ class Certifier:
         logits, present = self.model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask), past)
         return logits.numpy(), present
 
-    def onnx(self, input_ids, attention_mask, past):
+    def onnx(self, input_ids, attention_mask, past, logits_to_keep=None):
         if past is None:
             past = empty_past(self.graph, input_ids.shape[0])
-        logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past))
+        logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past, logits_to_keep))
         return logits, present
 
     def prefill_case(self, length: int) -> dict:
         ids = text_slice(self.text_ids, 0, length)[None]
         mask = np.ones_like(ids)
         return compare(f"prefill_{length}", self.eager(ids, mask, None)[0], self.onnx(ids, mask, None)[0])
+
+    def last_position_case(self, length: int) -> dict:
+        """The engine's prefill: logits_to_keep = 1, the last position's logits alone."""
+        ids = text_slice(self.text_ids, 0, length)[None]
+        mask = np.ones_like(ids)
+        onnx = self.onnx(ids, mask, None, logits_to_keep=1)[0]
+        return compare(f"prefill_{length}_last_only", self.eager(ids, mask, None)[0][:, -1:], onnx)
 
     def decode_case(self) -> dict:
         """32 cached decode steps, each side feeding its own presents back; the eager greedy token drives both."""
@@ -111,7 +118,8 @@ QUALITY_CRITERIA = {
 
 def run_cases(certifier: Certifier) -> list[dict]:
     lengths = [n for n in (1, 17, 128) if n <= certifier.model.config.context_length]
-    return [*(certifier.prefill_case(n) for n in lengths), certifier.decode_case(), certifier.padded_batch_case()]
+    return [*(certifier.prefill_case(n) for n in lengths), certifier.last_position_case(lengths[-1]),
+            certifier.decode_case(), certifier.padded_batch_case()]
 
 
 def onnx_canary(session, graph: dict, text_ids: np.ndarray, steps: int = DECODE_STEPS) -> dict:

@@ -129,16 +129,17 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def add_bench_command(commands) -> None:
-    bench = commands.add_parser("bench", help="prefill, decode tokens/s and memory: ours vs transformers and "
-                                              "onnxruntime-genai, side by side, one process per figure")
-    bench.add_argument("--systems", help="comma-separated subset (default: all): eager, onnx-fp32, each --ours "
-                                         "NAME, transformers, genai-fp32, genai-int4")
+    bench = commands.add_parser("bench", help="prefill, decode tokens/s and memory: ours vs transformers, "
+                                              "onnxruntime-genai and llama.cpp, side by side, one process per figure")
+    bench.add_argument("--systems", help="comma-separated subset (default: all): eager, onnx-fp32, onnx-int4, each "
+                                         "--ours NAME, transformers, genai-fp32, genai-int4, llama.cpp")
     bench.add_argument("--batch-sizes", default="1,8", help="comma-separated")
     bench.add_argument("--repeats", type=int, default=5, help="processes per system and batch size")
     bench.add_argument("--new-tokens", type=int, default=128, help="greedy tokens per decode (EOS suppressed)")
     bench.add_argument("--artifacts", help="our fp32 artifact for onnx-fp32 (default: exported into the cache)")
     bench.add_argument("--ours", action="append", default=[], metavar="NAME=DIR",
-                       help="another of our artifacts to measure as system NAME (repeatable)")
+                       help="one of our artifacts to measure as system NAME (repeatable; onnx-int4=DIR replaces the "
+                            "int4 export)")
     bench.add_argument("--threads", type=int, default=None, help="intra-op threads of every system (default: cores)")
     bench.add_argument("--results", default="bench-results",
                        help="where bench.json, bench.png and the cache of exports and conversions go")

@@ -1,7 +1,8 @@
 """The GPT module: embeddings, pre-norm blocks of causal self-attention and an MLP, an LM head.
 
-The KV cache is explicit data passed in and returned, so the same forward serves eager generation and the
-ONNX export (one graph for prefill and cached decode).
+The KV cache is explicit data passed in and returned, so one forward serves prefill and cached decode. This is
+the reference: eager generation runs it, and the export (export/fused.py) traces the same weights arranged for
+ONNX Runtime's fused kernels, certified against it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.artifact import MANIFEST
+from export.artifact import MANIFEST, ArtifactError, read_manifest
 from model.fetch import cache_dir
 
 log = logging.getLogger("gptserve.server")
@@ -36,11 +36,20 @@ def ensure_artifact(artifacts: str | Path | None, model: str, precision: str = "
     The export runs in a child process, so the server process never imports torch.
     """
     folder = Path(artifacts) if artifacts else cached_artifact_folder(model, precision)
-    if (folder / MANIFEST).is_file():
+    if (folder / MANIFEST).is_file() and (artifacts or _current(folder)):
         return folder
-    log.info("no artifact in %s yet: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
+    log.info("no current artifact in %s: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
     command = [sys.executable, "-m", "gptserve", "export", "--model", model, "--out", str(folder),
                "--precision", precision]
     if subprocess.run(command).returncode:
         raise SystemExit(f"exporting {model} into {folder} failed (see above)")
     return folder
+
+
+def _current(folder: Path) -> bool:
+    """Whether the cached artifact is in this version's format (an older one is exported again)."""
+    try:
+        read_manifest(folder)
+        return True
+    except ArtifactError:
+        return False

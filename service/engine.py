@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.artifact import ArtifactError, read_manifest, verify_files
-from export.contract import empty_past, past_names, present_names
+from export.contract import empty_past, feed, past_names, present_names
 from export.runtime import create_session
 from model.tokenizer import Tokenizer
 
@@ -62,19 +62,29 @@ class Engine:
     def empty_past(self, batch_size: int) -> list[np.ndarray]:
         return empty_past(self.graph, batch_size)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
-        """input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...] each (B, KV, P, D).
-        Returns all logits (B, T, V) and the present, in the same flat layout, holding P+T positions.
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
+        """A generation step. input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...]
+        each (B, KV, P, D), or None for a prefill. Returns the last position's logits (B, V) and the present, in
+        the same flat layout, holding P+T positions.
 
-        On CPU the present is the past's own buffers, grown when needed, with the new positions written in:
-        positions beyond the mask's width are room, not cache, and the caller's past must not be reused."""
-        if past is None:
-            past = self.empty_past(input_ids.shape[0])
+        On CPU a step's present is the past's own buffers (grown when needed) with the new positions written in:
+        positions beyond the mask's width are room, not cache, and the past passed in is spent."""
         if self.on_device:
-            return self._forward_on_device(input_ids, attention_mask, past)
-        return self._forward_in_place(input_ids, attention_mask, past)
+            logits, present = self._step_on_device(input_ids, attention_mask, past)
+        elif past is None:
+            logits, present = self._prefill(input_ids, attention_mask)
+        else:
+            logits, present = self._step_in_place(input_ids, attention_mask, past)
+        return logits[:, -1], present
 
-    def _forward_in_place(self, input_ids, attention_mask, past):
+    def _prefill(self, input_ids, attention_mask):
+        """CPU: the prompt's last position's logits only (logits_to_keep), the one it samples from. A plain run:
+        IO binding cannot bind an input that has a default."""
+        inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=1)
+        logits, *present = self.session.run(None, inputs)
+        return logits, present
+
+    def _step_in_place(self, input_ids, attention_mask, past):
         """CPU: each layer's past and present are bound to one buffer, so GroupQueryAttention appends the new
         keys and values where they belong instead of copying the whole cache into a new present every step."""
         past = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
@@ -90,9 +100,11 @@ class Engine:
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy(), past
 
-    def _forward_on_device(self, input_ids, attention_mask, past):
+    def _step_on_device(self, input_ids, attention_mask, past):
         """CUDA: the presents stay on the GPU as OrtValues and come back as the next step's past (IO binding);
         only the logits cross to the host for sampling. Numpy pasts (new or regrouped batches) are uploaded."""
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
@@ -107,11 +119,6 @@ class Engine:
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()
         return logits.numpy(), present
-
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
-        """A generation step: the last position's logits (B, V) and the present."""
-        logits, present = self.forward(input_ids, attention_mask, past)
-        return logits[:, -1], present
 
     def run_canary(self) -> None:
         """Refuse to serve when this runtime's greedy tokens differ from those recorded at export."""
@@ -141,7 +148,9 @@ def _check_contract(folder: Path, graph: dict, session) -> None:
     names = lambda specs: [spec["name"] for spec in specs]
     actual_inputs = [node.name for node in session.get_inputs()]
     actual_outputs = [node.name for node in session.get_outputs()]
-    if actual_inputs != names(graph["inputs"]) or actual_outputs != names(graph["outputs"]):
+    optional = [node.name for node in session.get_overridable_initializers()]  # inputs with a default
+    if (actual_inputs != names(graph["inputs"]) or actual_outputs != names(graph["outputs"])
+            or optional != names(graph["optional_inputs"])):
         raise ArtifactError(f"{folder}: the graph's inputs/outputs do not match the manifest's contract")
     for node, spec in zip(session.get_inputs() + session.get_outputs(), graph["inputs"] + graph["outputs"]):
         fixed = [(actual, wanted) for actual, wanted in zip(node.shape, spec["shape"]) if isinstance(wanted, int)]
