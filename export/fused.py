@@ -1,20 +1,17 @@
 """The exported form of the GPT: the same weights and the same function, arranged for ONNX Runtime's fused kernels.
 
 Per block the graph holds one norm that also adds the residual (Skip[Simplified]LayerNormalization), one MatMul
-for Q, K and V together, rotary as ONNX RotaryEmbedding, one GroupQueryAttention (grouped heads, the KV cache
-append, the causal mask and the padding bias in a single kernel) and the MLP: about a dozen kernels a block
-where the traced textbook module makes forty.
+for Q, K and V together, one GroupQueryAttention (rotary positions, grouped heads, the causal mask and the KV
+cache append in a single kernel) and the MLP: ten kernels a block where the traced textbook module makes forty.
 
-The KV inputs and outputs keep the contract's names and layout. A past with more positions than the attention
-mask's past part is a buffer with room: bound as both past and present, the kernel writes the new positions into
-it in place, and the cache is never copied (service/engine.py does this on CPU).
+Rows are ragged, as the kernel wants them: row b's tokens are the first sum(attention_mask[b]) positions of its
+cache, padding (if any) after them, and each step's new tokens go right after the row's own tokens. A past with
+more positions than that is a buffer with room: bound as both past and present, the kernel writes the new
+positions into it in place, and the cache is never copied (service/engine.py does this on CPU).
 
 This module is only traced for export, never run: the ONNX Runtime contrib ops exist in the trace as
 `torch.onnx.ops.symbolic` placeholders. That it computes exactly what `model.gpt.GPT` computes is what the
 parity certification proves, against the textbook model in float64.
-
-Rotary stays outside GroupQueryAttention: on a prompt the kernel takes only each row's first position id and
-counts up from it, which puts a left-padded row's tokens at the wrong positions.
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.gpt import GPT, PastKeyValues, attention_mask_parts, rope_angles
+from model.gpt import GPT, PastKeyValues, rope_angles
 
 MICROSOFT = "com.microsoft::"
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -57,6 +54,9 @@ class ExportedGPT(nn.Module):
             if config.bias:
                 self.register_buffer(f"qkv_bias_{index}", torch.cat([part.bias for part in parts]), persistent=False)
         if config.positions == "rope":
+            if self.D % 16:
+                raise ValueError(f"head size {self.D}: ONNX Runtime's GroupQueryAttention applies rotary "
+                                 "positions to head sizes that are multiples of 16 only")
             # (context_length, D/2) angles, computed as the eager model computes them.
             angles = rope_angles(torch.arange(config.context_length), config.head_dim, config.rope_theta)
             self.register_buffer("cos_cache", angles.cos(), persistent=False)
@@ -64,21 +64,18 @@ class ExportedGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: PastKeyValues):
         model, config = self.model, self.config
-        T = input_ids.shape[1]
-        total = attention_mask.shape[1]
-        position_ids, allowed = attention_mask_parts(attention_mask, T)
-        bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        seqlens_k = torch.full_like(attention_mask[:, 0], total - 1).to(torch.int32)  # (B,)
+        T, total = input_ids.shape[1], attention_mask.shape[1]
+        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)  # (B,) each row's last position
         total_length = torch.tensor(total, dtype=torch.int32)  # a scalar tensor, as the kernel wants it
 
         x = model.wte(input_ids)  # (B, T, C)
         if config.positions == "learned":
-            x = x + model.wpe(position_ids)
+            # A prompt's tokens are at 0.., a decode step's token at its row's length (rotary is the kernel's).
+            x = x + model.wpe((attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:])
         residual, hidden = x, model.blocks[0].norm_1(x)
         presents = []
         for index, (block, (past_key, past_value)) in enumerate(zip(model.blocks, past_key_values)):
-            attended, present = self.attention(index, hidden, position_ids, bias, seqlens_k, total_length,
-                                               past_key, past_value)
+            attended, present = self.attention(index, hidden, seqlens_k, total_length, past_key, past_value)
             presents.append(present)
             hidden, residual = skip_norm(attended, residual, block.norm_2)
             next_norm = model.blocks[index + 1].norm_1 if index + 1 < len(model.blocks) else model.norm_f
@@ -86,22 +83,17 @@ class ExportedGPT(nn.Module):
         head = model.wte.weight if config.tie_embeddings else model.lm_head.weight
         return F.linear(hidden, head), tuple(presents)
 
-    def attention(self, index, x, position_ids, bias, seqlens_k, total_length, past_key, past_value):
+    def attention(self, index, x, seqlens_k, total_length, past_key, past_value):
         H, KV, D = self.H, self.KV, self.D
         B, T, _ = x.shape
         qkv = F.linear(x, getattr(self, f"qkv_weight_{index}"), getattr(self, f"qkv_bias_{index}", None))
-        if self.config.positions == "rope":
-            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-            q = torch.onnx.ops.rotary_embedding(q, self.cos_cache, self.sin_cache, position_ids, num_heads=H)
-            k = torch.onnx.ops.rotary_embedding(k, self.cos_cache, self.sin_cache, position_ids, num_heads=KV)
-            inputs = [q, k, v]
-        else:
-            inputs = [qkv, None, None]  # packed: the kernel splits Q, K and V itself
+        rope = self.config.positions == "rope"
         present_shape = (B, KV, past_key.shape[2] + T, D)
         out, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
-            MICROSOFT + "GroupQueryAttention",
-            [*inputs, past_key, past_value, seqlens_k, total_length, None, None, None, bias],
-            {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D)},
+            MICROSOFT + "GroupQueryAttention",  # Q, K and V packed in one tensor: the kernel splits them
+            [qkv, None, None, past_key, past_value, seqlens_k, total_length,
+             *((self.cos_cache, self.sin_cache) if rope else ())],
+            {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D), "do_rotary": int(rope)},
             dtypes=[x.dtype] * 3, shapes=[(B, T, H * D), present_shape, present_shape], version=1)
         return self.model.blocks[index].attn.o_proj(out), (present_key, present_value)
 

@@ -22,6 +22,7 @@ from export.contract import empty_past, feed
 from model.gpt import GPT
 
 DECODE_STEPS = 32
+RAGGED_DECODE_STEPS = 4
 CANARY_PROMPT_TOKENS = 17
 
 
@@ -92,15 +93,31 @@ class Certifier:
             onnx_steps.append(onnx_logits)
         return compare(f"decode_{DECODE_STEPS}", np.concatenate(eager_steps, 1), np.concatenate(onnx_steps, 1))
 
-    def padded_batch_case(self, lengths=(5, 11, 17)) -> dict:
-        width = max(lengths)
-        ids = np.zeros((len(lengths), width), dtype=np.int64)
+    def ragged_batch_case(self, lengths=(5, 11, 17), steps=RAGGED_DECODE_STEPS) -> dict:
+        """Prompts of unequal length batched as the engine batches them: each row's tokens first, padding after;
+        then decode steps that append each row's token right after its own. Eager runs each row alone."""
+        width, rows = max(lengths), len(lengths)
+        prompts = [text_slice(self.text_ids, 20 * (row + 1), length) for row, length in enumerate(lengths)]
+        ids = np.zeros((rows, width), dtype=np.int64)
         mask = np.zeros_like(ids)
-        for row, length in enumerate(lengths):
-            ids[row, width - length:] = text_slice(self.text_ids, 20 * (row + 1), length)
-            mask[row, width - length:] = 1
-        eager, onnx = self.eager(ids, mask, None)[0], self.onnx(ids, mask, None)[0]
-        return compare(f"batch_{len(lengths)}_left_padded", eager, onnx, mask)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, 1
+        onnx_logits, onnx_past = self.onnx(ids, mask, None)
+        eager_runs = [self.eager(prompt[None], np.ones((1, len(prompt)), dtype=np.int64), None) for prompt in prompts]
+        eager_steps = [np.concatenate([logits[0] for logits, _ in eager_runs])]  # (real positions, V)
+        onnx_steps = [onnx_logits[mask.astype(bool)]]
+        lengths = np.array(lengths)
+        for _ in range(steps):
+            tokens = [int(logits[0, -1].argmax()) for logits, _ in eager_runs]  # the eager greedy token drives both
+            eager_runs = [self.eager(np.array([[token]]), np.ones((1, length + 1), dtype=np.int64), past)
+                          for token, length, (_, past) in zip(tokens, lengths, eager_runs)]
+            lengths += 1
+            mask = (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)  # (B, longest row)
+            onnx_logits, onnx_past = self.onnx(np.array(tokens)[:, None], mask, onnx_past)
+            eager_steps.append(np.concatenate([logits[0] for logits, _ in eager_runs]))
+            onnx_steps.append(onnx_logits[:, 0])
+        return compare(f"batch_{rows}_ragged_{steps}_steps", np.concatenate(eager_steps)[None],
+                       np.concatenate(onnx_steps)[None])
 
 
 PERPLEXITY_TOKENS = 256
@@ -119,7 +136,7 @@ QUALITY_CRITERIA = {
 def run_cases(certifier: Certifier) -> list[dict]:
     lengths = [n for n in (1, 17, 128) if n <= certifier.model.config.context_length]
     return [*(certifier.prefill_case(n) for n in lengths), certifier.last_position_case(lengths[-1]),
-            certifier.decode_case(), certifier.padded_batch_case()]
+            certifier.decode_case(), certifier.ragged_batch_case()]
 
 
 def onnx_canary(session, graph: dict, text_ids: np.ndarray, steps: int = DECODE_STEPS) -> dict:

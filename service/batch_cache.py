@@ -1,7 +1,8 @@
-"""The batched KV cache of the running sequences: rows join (left-padded to a common length) and leave.
+"""The batched KV cache of the running sequences: ragged rows that join and leave.
 
-Positions come from the attention mask, so left padding changes no sequence's results: padded columns are
-masked out of every softmax, and the trim on leave drops columns no row uses any more.
+Row b's cache is the first lengths[b] positions of its buffers; each decode step appends its token right after
+them (the graph's layout, export/fused.py). A row's positions never move, so joining and leaving only stack and
+pick rows: no shifting, no padding in front.
 """
 
 from __future__ import annotations
@@ -14,48 +15,49 @@ def on_host(tensor) -> np.ndarray:
     return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
 
 
-class BatchCache:
-    """past: flat per-layer [key, value, ...], each (B, KV, capacity, D); mask: (B, P), 1 where a row has a
-    token. The first P positions of each buffer are the cache; any beyond are room for the engine to fill."""
+def ragged_mask(lengths: np.ndarray) -> np.ndarray:
+    """(B, longest) attention mask: 1 on each row's first lengths[b] positions."""
+    return (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
 
-    def __init__(self, past: list[np.ndarray], mask: np.ndarray) -> None:
-        self.past, self.mask = past, mask
+
+class BatchCache:
+    """past: flat per-layer [key, value, ...], each (B, KV, capacity, D); lengths: (B,) tokens cached per row.
+    Positions beyond a row's length are padding or room for the engine to fill."""
+
+    def __init__(self, past: list, lengths: np.ndarray) -> None:
+        self.past, self.lengths = past, np.asarray(lengths, dtype=np.int64)
 
     @property
     def size(self) -> int:
-        return self.mask.shape[0]
+        return len(self.lengths)
 
-    @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def decode_mask(self) -> np.ndarray:
+        """The attention mask of the next decode step, its new token included: (B, longest + 1)."""
+        return ragged_mask(self.lengths + 1)
 
-    def extend(self, present: list[np.ndarray]) -> None:
+    def extend(self, present: list) -> None:
         """After a decode step: every row gained one token."""
-        self.past = present
-        self.mask = np.concatenate([self.mask, np.ones((self.size, 1), dtype=np.int64)], axis=1)
+        self.past, self.lengths = present, self.lengths + 1
 
     @staticmethod
-    def join(caches: list["BatchCache"]) -> "BatchCache":
-        """Stacks batches, left-padding the shorter ones with masked zeros."""
+    def join(caches: list["BatchCache | None"]) -> "BatchCache":
+        """Stacks batches (their buffers cut or zero-extended to the longest row)."""
         caches = [cache for cache in caches if cache is not None and cache.size]
         if len(caches) == 1:
             return caches[0]
-        width = max(cache.length for cache in caches)
-        padded = [cache._pad_left(width - cache.length) for cache in caches]
-        past = [np.concatenate([on_host(tensor)[:, :, :width] for tensor in tensors], axis=0)
-                for tensors in zip(*(cache.past for cache in padded))]
-        return BatchCache(past, np.concatenate([cache.mask for cache in padded], axis=0))
+        width = max(int(cache.lengths.max()) for cache in caches)
+        past = [np.concatenate([_width(on_host(tensor), width) for tensor in tensors], axis=0)
+                for tensors in zip(*(cache.past for cache in caches))]
+        return BatchCache(past, np.concatenate([cache.lengths for cache in caches]))
 
     def select(self, rows: list[int]) -> "BatchCache":
-        """Keeps these rows, dropping leading columns that are padding in all of them."""
-        mask = self.mask[rows]
-        used = np.flatnonzero(mask.any(axis=0))
-        start = int(used[0]) if len(used) else mask.shape[1]
-        return BatchCache([on_host(tensor)[rows, :, start:self.length] for tensor in self.past], mask[:, start:])
+        """These rows only, as a batch of their own (copied, cut to their longest row)."""
+        lengths = self.lengths[rows]
+        return BatchCache([on_host(tensor)[rows, :, :int(lengths.max())] for tensor in self.past], lengths)
 
-    def _pad_left(self, columns: int) -> "BatchCache":
-        if not columns:
-            return self
-        past = [np.pad(on_host(tensor)[:, :, :self.length], ((0, 0), (0, 0), (columns, 0), (0, 0)))
-                for tensor in self.past]
-        return BatchCache(past, np.pad(self.mask, ((0, 0), (columns, 0))))
+
+def _width(tensor: np.ndarray, width: int) -> np.ndarray:
+    """(B, KV, width, D): the first `width` positions, zeros where the buffer is shorter."""
+    if tensor.shape[2] >= width:
+        return tensor[:, :, :width]
+    return np.pad(tensor, ((0, 0), (0, 0), (0, width - tensor.shape[2]), (0, 0)))

@@ -64,8 +64,9 @@ class Engine:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
         """A generation step. input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...]
-        each (B, KV, P, D), or None for a prefill. Returns the last position's logits (B, V) and the present, in
-        the same flat layout, holding P+T positions.
+        each (B, KV, P, D), or None for a prefill. Rows are ragged (export/fused.py): row b's tokens, its new ones
+        included, are its first sum(attention_mask[b]) positions; a row's new tokens other than the longest's are
+        followed by padding. Returns each row's last token's logits (B, V) and the present, in the same layout.
 
         On CPU a step's present is the past's own buffers (grown when needed) with the new positions written in:
         positions beyond the mask's width are room, not cache, and the past passed in is spent."""
@@ -75,12 +76,17 @@ class Engine:
             logits, present = self._prefill(input_ids, attention_mask)
         else:
             logits, present = self._step_in_place(input_ids, attention_mask, past)
-        return logits[:, -1], present
+        if logits.shape[1] == 1:
+            return logits[:, 0], present
+        # Every position's logits (B, T, V): each row's own last token, which padding may follow.
+        last = attention_mask.sum(-1) - 1 - (attention_mask.shape[1] - logits.shape[1])
+        return logits[np.arange(len(logits)), last], present
 
     def _prefill(self, input_ids, attention_mask):
-        """CPU: the prompt's last position's logits only (logits_to_keep), the one it samples from. A plain run:
-        IO binding cannot bind an input that has a default."""
-        inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=1)
+        """CPU: when no prompt is padded, the last position's logits only (logits_to_keep), the ones they sample
+        from. A plain run: IO binding cannot bind an input that has a default."""
+        keep = 1 if attention_mask.all() else None
+        inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=keep)
         logits, *present = self.session.run(None, inputs)
         return logits, present
 

@@ -1,8 +1,9 @@
 """Continuous batching: one engine thread steps every active sequence together, newcomers join at step boundaries.
 
-Each iteration of the engine thread: drop cancelled sequences, prefill the newcomers (together, left-padded),
-one decode step for every running sequence, drop the finished ones. Left padding is masked out of attention and
-positions come from the mask, so a sequence's tokens are the same alone or in any batch.
+Each iteration of the engine thread: drop cancelled sequences, prefill the newcomers (together, each prompt
+followed by padding), one decode step for every running sequence, drop the finished ones. Rows are ragged (see
+service/batch_cache.py): each attends to its own tokens only, so a sequence's tokens are the same alone or in any
+batch.
 
 The asyncio side submits checked requests and reads their tokens; the engine thread owns the batch. They meet in
 three places only: the waiting queue (under a lock), each request's cancel flag, and `call_soon_threadsafe`
@@ -27,7 +28,7 @@ import numpy as np
 
 from model.generation import Sequence, TokenEvent
 from service.api import GenerationRequest, Timings
-from service.batch_cache import BatchCache
+from service.batch_cache import BatchCache, ragged_mask
 from service.errors import EngineFailure, NotServing, QueueFull
 from service.metrics import Metrics
 
@@ -254,8 +255,8 @@ class Scheduler:
         self.metrics.active_sequences.set(self.active_count)
 
     def _prefill(self, handles: list[RequestHandle]) -> None:
-        """Newcomers' prompts in one forward pass (left-padded like the batch), each one's first token; then
-        they join the batch for the next decode step. One pass reads the weights once for all of them."""
+        """Newcomers' prompts in one forward pass (padded after their ends), each one's first token; then they
+        join the batch for the next decode step. One pass reads the weights once for all of them."""
         now = time.perf_counter()
         for handle in handles:
             handle.admitted = now
@@ -265,12 +266,11 @@ class Scheduler:
         if not handles:
             return
         prompts = [handle.request.prompt_ids for handle in handles]
-        width = max(map(len, prompts))
-        input_ids = np.zeros((len(prompts), width), dtype=np.int64)  # (B, T); padding ids are masked out
-        attention_mask = np.zeros((len(prompts), width), dtype=np.int64)  # (B, T)
+        lengths = np.array([len(prompt) for prompt in prompts])
+        attention_mask = ragged_mask(lengths)  # (B, T)
+        input_ids = np.zeros(attention_mask.shape, dtype=np.int64)  # (B, T); padding ids are masked out
         for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = prompt
-            attention_mask[row, width - len(prompt):] = 1
+            input_ids[row, :len(prompt)] = prompt
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         self.metrics.prefill_batch_size.observe(len(prompts))
         try:
@@ -280,7 +280,7 @@ class Scheduler:
             for handle in handles:
                 self._end(handle, EngineFailure(f"the engine failed on this request's prompt: {error}"))
             return
-        cache = BatchCache(present, attention_mask)
+        cache = BatchCache(present, lengths)
         keep = self._take_tokens(handles, logits)
         if keep:
             self._batch = BatchCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
@@ -290,10 +290,9 @@ class Scheduler:
         """One step of every running sequence: each feeds its last token."""
         rows, batch = self._rows, self._batch
         input_ids = np.array([[handle.sequence.token_ids[-1]] for handle in rows], dtype=np.int64)  # (B, 1)
-        attention_mask = np.concatenate([batch.mask, np.ones((batch.size, 1), dtype=np.int64)], axis=1)  # (B, P+1)
         self.metrics.batch_size.observe(len(rows))
         try:
-            logits, present = self.engine.step(input_ids, attention_mask, batch.past)  # (B, V)
+            logits, present = self.engine.step(input_ids, batch.decode_mask(), batch.past)  # (B, V)
         except Exception as error:
             log.exception("decode step failed with %d sequences in the batch", len(rows))
             self._fail_everything(list(rows), EngineFailure(f"the engine failed during a decode step: {error}"))

@@ -49,7 +49,7 @@ def test_manifest_holds_the_contract_and_a_passed_report(tiny_case):
     report = manifest["parity"]
     assert report["passed"] and report["criteria"]["max_abs_diff"] == 1e-5
     assert [case["case"] for case in report["cases"]] == [
-        "prefill_1", "prefill_17", "prefill_128", "decode_32", "batch_3_left_padded"]
+        "prefill_1", "prefill_17", "prefill_128", "prefill_128_last_only", "decode_32", "batch_3_ragged_4_steps"]
     assert all(case["max_abs_diff"] <= 1e-5 and case["greedy_match"] for case in report["cases"])
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
 

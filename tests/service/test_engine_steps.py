@@ -1,37 +1,39 @@
-"""The engine's CPU steps: a prefill returns the last position's logits only, and decode steps append to KV
+"""The engine's CPU steps: a prefill returns each row's last token's logits, and decode steps append to KV
 buffers in place (no copy of the cache per step), with the same numbers as the graph run plainly."""
 
 import numpy as np
 
 from export.contract import empty_past, feed
+from service.batch_cache import ragged_mask
 from service.engine import with_room
 
 
 def test_decode_steps_append_in_place_and_equal_a_plain_run(tiny_engine):
     engine, graph = tiny_engine, tiny_engine.graph
     prompt = engine.tokenizer.encode("The quick brown fox jumps over")
-    input_ids = np.zeros((2, len(prompt)), dtype=np.int64)  # row 1 left-padded by 3
-    input_ids[0], input_ids[1, 3:] = prompt, prompt[3:]
-    attention_mask = (np.arange(len(prompt)) >= np.array([[0], [3]])).astype(np.int64)
+    lengths = np.array([len(prompt), len(prompt) - 3])  # ragged rows: row 1 is 3 tokens shorter
+    attention_mask = ragged_mask(lengths)
+    input_ids = np.array([prompt, prompt[:-3] + [0, 0, 0]], dtype=np.int64)
     plain_logits, *plain_past = engine.session.run(None, feed(graph, input_ids, attention_mask, empty_past(graph, 2)))
     logits, past = engine.step(input_ids, attention_mask, None)
-    assert logits.shape == (2, graph["vocab_size"])  # (B, V): the last position only
-    np.testing.assert_allclose(logits, plain_logits[:, -1], atol=1e-6)
+    assert logits.shape == (2, graph["vocab_size"])  # (B, V): each row's last token
+    np.testing.assert_allclose(logits, plain_logits[[0, 1], lengths - 1], atol=1e-6)
 
     buffers = None
     for step in range(4):
         tokens = logits.argmax(-1)[:, None]  # (B, 1)
-        attention_mask = np.concatenate([attention_mask, np.ones((2, 1), dtype=np.int64)], axis=1)
+        lengths += 1
+        attention_mask = ragged_mask(lengths)
         logits, past = engine.step(tokens, attention_mask, past)
         plain_logits, *plain_past = engine.session.run(None, feed(graph, tokens, attention_mask, plain_past))
         np.testing.assert_allclose(logits, plain_logits[:, -1], atol=1e-6)
         if buffers is not None:  # the first step grew the prefill's exact-size cache; later ones write into it
             assert all(tensor is buffer for tensor, buffer in zip(past, buffers))
         buffers = past
-    width = attention_mask.shape[1]
-    assert past[0].shape[2] > width  # room for the next steps
+    assert past[0].shape[2] > lengths.max()  # room for the next steps
     for tensor, plain in zip(past, plain_past):
-        np.testing.assert_allclose(tensor[:, :, :width], plain, atol=1e-6)
+        for row, length in enumerate(lengths):  # each row's own positions
+            np.testing.assert_allclose(tensor[row, :, :length], plain[row, :, :length], atol=1e-6)
 
 
 def test_kv_buffers_grow_geometrically_up_to_the_context():
