@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# A past may be longer than the mask's past part: the graph then treats it as a buffer with room and, when the
-# same buffer is bound as the present, appends the new positions in place (see export/fused.py).
+# Rows are ragged: row b's tokens (the new ones included) are the first sum(attention_mask[b]) positions, padding
+# after them. A past may be longer than that: the graph treats it as a buffer with room and, when the same
+# buffer is bound as the present, appends the new positions in place (see export/fused.py). A step with a past
+# and more than one new token must be a batch of one (GroupQueryAttention's rule).
 KV_LAYOUT = "[batch, kv_heads, sequence, head_dim]"
 
 
@@ -35,6 +37,7 @@ def graph_contract(n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int
         # Optional: without it the graph returns every position's logits (onnxruntime-genai feeds none).
         "optional_inputs": [{"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}],
         "kv_layout": KV_LAYOUT,
+        "rows": "ragged: each row's tokens first, padding after",
         "n_layer": n_layer,
         "n_kv_heads": n_kv_heads,
         "head_dim": head_dim,
