@@ -19,6 +19,14 @@ CANARY_STEPS = 8  # greedy steps re-run at start: enough to catch a wrong build,
 KV_GROWTH = 64  # positions of room a KV buffer gains at least when it grows (it at least doubles, too)
 
 
+class BoundBuffers(list):
+    """A batch's KV buffers together with the IO binding that binds them as both past and present: while a
+    batch's buffers stay the same (from one decode step to the next) a step rebinds two small inputs, not every
+    layer's cache. The binding lives and dies with the batch's list."""
+
+    binding = None
+
+
 def with_room(tensor: np.ndarray, needed: int, limit: int) -> np.ndarray:
     """The KV buffer (B, KV, capacity, D) itself when it holds `needed` positions, else a larger copy: it grows
     geometrically (up to the context length), so a sequence's cache is copied a few times, not at every step."""
@@ -40,6 +48,7 @@ class Engine:
         self.execution_provider = session.get_providers()[0]
         self.on_device = self.execution_provider == "CUDAExecutionProvider"
         self.device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
+        self._past_names, self._present_names = past_names(self.graph["n_layer"]), present_names(self.graph["n_layer"])
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, device_id: int = 0,
@@ -93,18 +102,20 @@ class Engine:
     def _step_in_place(self, input_ids, attention_mask, past):
         """CPU: each layer's past and present are bound to one buffer, so GroupQueryAttention appends the new
         keys and values where they belong instead of copying the whole cache into a new present every step."""
-        past = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
-        binding = self.session.io_binding()
+        buffers = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
+        if not (isinstance(past, BoundBuffers) and all(new is old for new, old in zip(buffers, past))):
+            past = BoundBuffers(buffers)
+            past.binding = self.session.io_binding()
+            past.binding.bind_output("logits")  # first: get_outputs() lists the outputs in binding order
+            for past_name, present_name, tensor in zip(self._past_names, self._present_names, past):
+                buffer = ort.OrtValue.ortvalue_from_numpy(tensor)  # shares the numpy array's memory
+                past.binding.bind_ortvalue_input(past_name, buffer)
+                past.binding.bind_ortvalue_output(present_name, buffer)
+        binding = past.binding
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_output("logits")
-        for past_name, present_name, tensor in zip(past_names(self.graph["n_layer"]),
-                                                   present_names(self.graph["n_layer"]), past):
-            buffer = ort.OrtValue.ortvalue_from_numpy(tensor)  # shares the numpy array's memory
-            binding.bind_ortvalue_input(past_name, buffer)
-            binding.bind_ortvalue_output(present_name, buffer)
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy(), past
+        return binding.get_outputs()[0].numpy().copy(), past  # a copy: the binding's next run reuses its buffer
 
     def _step_on_device(self, input_ids, attention_mask, past):
         """CUDA: the presents stay on the GPU as OrtValues and come back as the next step's past (IO binding);
