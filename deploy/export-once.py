@@ -3,15 +3,14 @@ $GPTSERVE_PRECISION (the compose file sets fp16 for the GPU profile and fp32 for
 
     python export-once.py MODEL
 
-A later run finds the artifact's manifest and exits at once. `gptserve serve --model MODEL` looks in the same
+A later run finds the artifact (in this version's format) and exits at once. `gptserve serve --model MODEL` looks in the same
 folder (service.artifacts.cached_artifact_folder), so the servers, which have no torch, never export themselves.
 """
 
 import logging
 import sys
 
-from export.artifact import MANIFEST
-from service.artifacts import cached_artifact_folder, default_precision, ensure_artifact
+from service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
 
 
 def main(argv: list[str]) -> int:
@@ -22,7 +21,7 @@ def main(argv: list[str]) -> int:
     model = argv[1]
     precision = default_precision()
     folder = cached_artifact_folder(model, precision)
-    if (folder / MANIFEST).is_file():
+    if is_current(folder):
         print(f"{model}: already exported in {folder}; nothing to do")
         return 0
     ensure_artifact(None, model, precision)

@@ -36,7 +36,7 @@ def ensure_artifact(artifacts: str | Path | None, model: str, precision: str = "
     The export runs in a child process, so the server process never imports torch.
     """
     folder = Path(artifacts) if artifacts else cached_artifact_folder(model, precision)
-    if (folder / MANIFEST).is_file() and (artifacts or _current(folder)):
+    if (folder / MANIFEST).is_file() and (artifacts or is_current(folder)):
         return folder
     log.info("no current artifact in %s: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
     command = [sys.executable, "-m", "gptserve", "export", "--model", model, "--out", str(folder),
@@ -46,8 +46,8 @@ def ensure_artifact(artifacts: str | Path | None, model: str, precision: str = "
     return folder
 
 
-def _current(folder: Path) -> bool:
-    """Whether the cached artifact is in this version's format (an older one is exported again)."""
+def is_current(folder: Path) -> bool:
+    """Whether the folder holds an artifact in this version's format (a cached older one is exported again)."""
     try:
         read_manifest(folder)
         return True

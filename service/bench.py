@@ -31,7 +31,7 @@ from service.api import GenerationRequest
 from service.metrics import Metrics
 from service.scheduler import Scheduler
 
-# Prompts of different lengths, so batched rows are left-padded as in real traffic.
+# Prompts of different lengths, so batched rows are ragged as in real traffic.
 PROMPTS = [
     "The capital of France is",
     "Write a short poem about the sea.",
