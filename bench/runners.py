@@ -167,6 +167,8 @@ class LlamaCppRunner:
     def _forward(self, rows: np.ndarray, start: int) -> np.ndarray:
         """Appends rows (B, T) at positions start.. of sequences 0..B-1; the last position's logits (B, V)."""
         batch, (batch_size, length) = self.batch, rows.shape
+        if batch_size > self.MAX_BATCH_ROWS:
+            raise ValueError(f"llama.cpp runs at most {self.MAX_BATCH_ROWS} rows here, not {batch_size}")
         batch.n_tokens = batch_size * length
         for index, (row, column) in enumerate(np.ndindex(batch_size, length)):
             batch.token[index], batch.pos[index] = int(rows[row, column]), start + column

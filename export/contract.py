@@ -7,8 +7,9 @@ import numpy as np
 
 # Rows are ragged: row b's tokens (the new ones included) are the first sum(attention_mask[b]) positions, padding
 # after them. A past may be longer than that: the graph treats it as a buffer with room and, when the same
-# buffer is bound as the present, appends the new positions in place (see export/fused.py). A step with a past
-# and more than one new token must be a batch of one (GroupQueryAttention's rule).
+# buffer is bound as the present, appends the new positions in place (see export/fused.py); the mask is then as
+# wide as the longest row plus the new tokens, and the present as long as the buffer. A step with a past and more
+# than one new token must be a batch of one (GroupQueryAttention's rule).
 KV_LAYOUT = "[batch, kv_heads, sequence, head_dim]"
 
 

@@ -25,7 +25,7 @@ from export.runtime import create_session
 from model.gpt import GPT
 from model.spec import Pretrained, load_pretrained
 
-# Opset 23: rotary positions are one RotaryEmbedding node (the contrib kernels come from export.fused).
+# Opset 23: the first block's norm is one RMSNormalization node (the contrib kernels come from export.fused).
 OPSET = 23
 SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
 

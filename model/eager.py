@@ -9,6 +9,9 @@ from model.gpt import GPT, PastKeyValues
 
 
 class EagerStep:
+    """Each row's last position's logits. The model appends each step at the end of every row, so rows must be
+    of equal length (or left-padded); the ONNX engine's ragged rows (service/engine.py) are not this layout."""
+
     def __init__(self, model: GPT) -> None:
         self.model = model.eval()
 

@@ -25,6 +25,7 @@ class BoundBuffers(list):
     rebinds two small inputs, not every layer's cache. The binding lives and dies with the batch's list."""
 
     binding = None
+    values: list | None = None  # the OrtValues bound, which keep the buffers' memory referenced
     logits: np.ndarray | None = None
 
 
@@ -73,8 +74,8 @@ class Engine:
         return empty_past(self.graph, batch_size)
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
-        """A generation step. input_ids (B, T), attention_mask (B, P+T), past: flat per-layer [key, value, ...]
-        each (B, KV, P, D), or None for a prefill. Rows are ragged (export/fused.py): row b's tokens, its new ones
+        """A generation step. input_ids (B, T), attention_mask (B, longest row + T), past: flat per-layer
+        [key, value, ...] each (B, KV, P, D) with P at least the longest row, or None for a prefill. Rows are ragged (export/fused.py): row b's tokens, its new ones
         included, are its first sum(attention_mask[b]) positions; a row's new tokens other than the longest's are
         followed by padding. Returns each row's last token's logits (B, V) and the present, in the same layout.
 
@@ -93,9 +94,10 @@ class Engine:
         return logits[np.arange(len(logits)), last], present
 
     def _prefill(self, input_ids, attention_mask):
-        """CPU: when no prompt is padded, the last position's logits only (logits_to_keep), the ones they sample
-        from. A plain run: IO binding cannot bind an input that has a default."""
-        keep = 1 if attention_mask.all() else None
+        """CPU: logits of the last positions only (logits_to_keep), as many as reach back to the shortest prompt's
+        last token: one each when no prompt is padded. A plain run: IO binding cannot bind an input that has a
+        default."""
+        keep = int(input_ids.shape[1] - attention_mask.sum(-1).min() + 1)
         inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=keep)
         logits, *present = self.session.run(None, inputs)
         return logits, present
@@ -107,10 +109,10 @@ class Engine:
         if not (isinstance(past, BoundBuffers) and all(new is old for new, old in zip(buffers, past))):
             past = BoundBuffers(buffers)
             past.binding = self.session.io_binding()
-            for past_name, present_name, tensor in zip(self._past_names, self._present_names, past):
-                buffer = ort.OrtValue.ortvalue_from_numpy(tensor)  # shares the numpy array's memory
-                past.binding.bind_ortvalue_input(past_name, buffer)
-                past.binding.bind_ortvalue_output(present_name, buffer)
+            past.values = [ort.OrtValue.ortvalue_from_numpy(tensor) for tensor in past]  # share the arrays' memory
+            for past_name, present_name, value in zip(self._past_names, self._present_names, past.values):
+                past.binding.bind_ortvalue_input(past_name, value)
+                past.binding.bind_ortvalue_output(present_name, value)
         shape = (*input_ids.shape, self.vocab_size)  # (B, T, V)
         if past.logits is None or past.logits.shape != shape:
             past.logits = np.empty(shape, dtype=np.float32)
@@ -128,13 +130,13 @@ class Engine:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
-        for name, tensor in zip(past_names(self.graph["n_layer"]), past):
+        for name, tensor in zip(self._past_names, past):
             if isinstance(tensor, np.ndarray):
                 binding.bind_cpu_input(name, tensor)
             else:
                 binding.bind_ortvalue_input(name, tensor)
         binding.bind_output("logits", "cpu")
-        for name in present_names(self.graph["n_layer"]):
+        for name in self._present_names:
             binding.bind_output(name, "cuda", self.device_id)
         self.session.run_with_iobinding(binding)
         logits, *present = binding.get_outputs()

@@ -111,7 +111,7 @@ def _deliver(items: list[tuple[RequestHandle, _Outgoing]]) -> None:
 
 
 # Padded prompt tokens in one prefill pass: bounds the padding wasted on prompts of unequal length and the
-# logits the pass returns (all positions, B x T x V floats).
+# logits the pass returns (B x V floats per position reaching back to the shortest prompt's end).
 PREFILL_TOKEN_BUDGET = 512
 
 
