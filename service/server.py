@@ -76,6 +76,7 @@ class _Call:
     """One RPC's outcome, for the metrics and the request log line."""
 
     method: str
+    peer: str
     code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # what is left when the client goes away mid-call
     message: str = ""
     request: GenerationRequest | None = None
@@ -100,7 +101,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
 
     @contextlib.asynccontextmanager
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
-        call = _Call(method)
+        # The peer is read now: once a deadline has torn the call down, asking its context segfaults grpc.aio.
+        call = _Call(method, context.peer())
         generation = method.startswith("Generate")
         if generation:
             self.generating += 1
@@ -123,13 +125,13 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 call.handle.cancel()  # frees the slot at the next step if the request is still running
             self.metrics.requests.labels(method, call.code.name).inc()
             if generation:
-                self._log_request(call, context)
+                self._log_request(call)
                 self.generating -= 1
                 if not self.generating:
                     self.idle.set()
 
-    def _log_request(self, call: _Call, context: grpc.aio.ServicerContext) -> None:
-        fields = {"method": call.method, "code": call.code.name, "peer": context.peer()}
+    def _log_request(self, call: _Call) -> None:
+        fields = {"method": call.method, "code": call.code.name, "peer": call.peer}
         if call.message:
             fields["message"] = call.message
         if call.request is not None:
