@@ -3,8 +3,9 @@ $GPTSERVE_PRECISION (the compose file sets fp16 for the GPU profile and fp32 for
 
     python export-once.py MODEL
 
-A later run finds the artifact (in this version's format) and exits at once. `gptserve serve --model MODEL` looks in the same
-folder (service.artifacts.cached_artifact_folder), so the servers, which have no torch, never export themselves.
+A later run finds the artifact (in this version's format) and exits at once. `gptserve serve --model MODEL` looks
+in the same folder (service.artifacts.cached_artifact_folder), so the servers, which have no torch, never export
+themselves.
 """
 
 import logging

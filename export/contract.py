@@ -50,6 +50,11 @@ def kv_dtype(graph: dict) -> np.dtype:
     return np.dtype(graph["inputs"][-1]["dtype"])
 
 
+def ragged_mask(lengths: np.ndarray) -> np.ndarray:
+    """(B, longest) attention mask of ragged rows: 1 on each row's first lengths[b] positions."""
+    return (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
+
+
 def empty_past(graph: dict, batch_size: int) -> list[np.ndarray]:
     shape = (batch_size, graph["n_kv_heads"], 0, graph["head_dim"])
     return [np.zeros(shape, dtype=kv_dtype(graph)) for _ in range(2 * graph["n_layer"])]

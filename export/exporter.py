@@ -48,7 +48,7 @@ def export_graph(model: GPT, path: Path) -> None:
     input_ids = torch.zeros((2, 2), dtype=torch.int64)
     attention_mask = torch.ones((2, 2), dtype=torch.int64)
     program = torch.onnx.export(
-        ExportedGPT(model), (input_ids, attention_mask, model.empty_past(2)),
+        ExportedGPT(model).eval(), (input_ids, attention_mask, model.empty_past(2)),
         dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET, optimize=True,
         input_names=["input_ids", "attention_mask", *past_names(config.n_layer)],
         output_names=["logits", *present_names(config.n_layer)],

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.contract import empty_past, feed
+from export.contract import empty_past, feed, ragged_mask
 from model.gpt import GPT
 
 DECODE_STEPS = 32
@@ -96,24 +96,23 @@ class Certifier:
     def ragged_batch_case(self, lengths=(5, 11, 17), steps=RAGGED_DECODE_STEPS) -> dict:
         """Prompts of unequal length batched as the engine batches them: each row's tokens first, padding after;
         then decode steps that append each row's token right after its own. Eager runs each row alone."""
-        width, rows = max(lengths), len(lengths)
+        rows = len(lengths)
         prompts = [text_slice(self.text_ids, 20 * (row + 1), length) for row, length in enumerate(lengths)]
-        ids = np.zeros((rows, width), dtype=np.int64)
-        mask = np.zeros_like(ids)
+        lengths = np.array(lengths)
+        mask = ragged_mask(lengths)
+        ids = np.zeros_like(mask)
         for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)], mask[row, :len(prompt)] = prompt, 1
+            ids[row, :len(prompt)] = prompt
         onnx_logits, onnx_past = self.onnx(ids, mask, None)
         eager_runs = [self.eager(prompt[None], np.ones((1, len(prompt)), dtype=np.int64), None) for prompt in prompts]
         eager_steps = [np.concatenate([logits[0] for logits, _ in eager_runs])]  # (real positions, V)
         onnx_steps = [onnx_logits[mask.astype(bool)]]
-        lengths = np.array(lengths)
         for _ in range(steps):
             tokens = [int(logits[0, -1].argmax()) for logits, _ in eager_runs]  # the eager greedy token drives both
             eager_runs = [self.eager(np.array([[token]]), np.ones((1, length + 1), dtype=np.int64), past)
                           for token, length, (_, past) in zip(tokens, lengths, eager_runs)]
             lengths += 1
-            mask = (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)  # (B, longest row)
-            onnx_logits, onnx_past = self.onnx(np.array(tokens)[:, None], mask, onnx_past)
+            onnx_logits, onnx_past = self.onnx(np.array(tokens)[:, None], ragged_mask(lengths), onnx_past)
             eager_steps.append(np.concatenate([logits[0] for logits, _ in eager_runs]))
             onnx_steps.append(onnx_logits[:, 0])
         return compare(f"batch_{rows}_ragged_{steps}_steps", np.concatenate(eager_steps)[None],

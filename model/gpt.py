@@ -54,21 +54,6 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
     return angles.cos(), angles.sin()
 
 
-def attention_mask_parts(attention_mask: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the (B, P+T) mask: the new tokens' positions (B, T) and which keys each may see (B, 1, T, P+T)."""
-    total = attention_mask.shape[1]  # P+T
-    # Positions count real tokens only, so left-padded rows of different lengths line up.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
-    key_index = torch.arange(total, device=attention_mask.device)  # (P+T,)
-    query_index = torch.arange(total - T, total, device=attention_mask.device)  # (T,) positions of the new tokens
-    causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
-    # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
-    # under fused kernels and fp16); real rows never see padding.
-    itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
-    allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
-    return position_ids, allowed
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -166,7 +151,16 @@ class GPT(nn.Module):
         B, T = input_ids.shape
         if past_key_values is None:
             past_key_values = self.empty_past(B)
-        position_ids, allowed = attention_mask_parts(attention_mask, T)
+        total = attention_mask.shape[1]  # P+T
+        # Positions count real tokens only, so left-padded rows of different lengths line up.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:]  # (B, T)
+        key_index = torch.arange(total, device=input_ids.device)  # (P+T,)
+        query_index = torch.arange(total - T, total, device=input_ids.device)  # (T,) positions of the new tokens
+        causal = key_index[None, :] <= query_index[:, None]  # (T, P+T)
+        # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
+        # under fused kernels and fp16); real rows never see padding.
+        itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
+        allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
 
         x = self.wte(input_ids)  # (B, T, C)
         rope = None

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.contract import ragged_mask
+
 
 def on_host(tensor) -> np.ndarray:
     """KV tensors are numpy on CPU, or device OrtValues on CUDA: regrouping a batch works on host copies."""
     return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
-
-
-def ragged_mask(lengths: np.ndarray) -> np.ndarray:
-    """(B, longest) attention mask: 1 on each row's first lengths[b] positions."""
-    return (np.arange(lengths.max()) < lengths[:, None]).astype(np.int64)
 
 
 class BatchCache:

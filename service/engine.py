@@ -75,9 +75,10 @@ class Engine:
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
         """A generation step. input_ids (B, T), attention_mask (B, longest row + T), past: flat per-layer
-        [key, value, ...] each (B, KV, P, D) with P at least the longest row, or None for a prefill. Rows are ragged (export/fused.py): row b's tokens, its new ones
-        included, are its first sum(attention_mask[b]) positions; a row's new tokens other than the longest's are
-        followed by padding. Returns each row's last token's logits (B, V) and the present, in the same layout.
+        [key, value, ...] each (B, KV, P, D) with P at least the longest row, or None for a prefill. Rows are
+        ragged (export/fused.py): row b's tokens, its new ones included, are its first sum(attention_mask[b])
+        positions; a row's new tokens other than the longest's are followed by padding. Returns each row's last
+        token's logits (B, V) and the present, in the same layout.
 
         On CPU a step's present is the past's own buffers (grown when needed) with the new positions written in:
         positions beyond the mask's width are room, not cache, and the past passed in is spent."""

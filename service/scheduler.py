@@ -28,7 +28,8 @@ import numpy as np
 
 from model.generation import Sequence, TokenEvent
 from service.api import GenerationRequest, Timings
-from service.batch_cache import BatchCache, ragged_mask
+from export.contract import ragged_mask
+from service.batch_cache import BatchCache
 from service.errors import EngineFailure, NotServing, QueueFull
 from service.metrics import Metrics
 

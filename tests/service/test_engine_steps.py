@@ -3,8 +3,7 @@ buffers in place (no copy of the cache per step), with the same numbers as the g
 
 import numpy as np
 
-from export.contract import empty_past, feed
-from service.batch_cache import ragged_mask
+from export.contract import empty_past, feed, ragged_mask
 from service.engine import with_room
 
 
