@@ -18,7 +18,7 @@ from export.artifact import (
     FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
 )
 from export.contract import graph_contract, past_names, present_names
-from export.fused import ExportedGPT, add_logits_to_keep
+from export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
 from export.parity import CANARY_TEXT, certify
 from export.quantize import PRECISIONS, convert
 from export.runtime import create_session
@@ -56,6 +56,7 @@ def export_graph(model: GPT, path: Path) -> None:
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     proto = program.model_proto
     add_logits_to_keep(proto)
+    drop_unused_outputs(proto)
     onnx.save(proto, str(path), save_as_external_data=weight_bytes > SINGLE_FILE_LIMIT,
               location=path.name + ".data", all_tensors_to_one_file=True)
 

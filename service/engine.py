@@ -81,7 +81,8 @@ class Engine:
         token's logits (B, V) and the present, in the same layout.
 
         On CPU a step's present is the past's own buffers (grown when needed) with the new positions written in:
-        positions beyond the mask's width are room, not cache, and the past passed in is spent."""
+        positions beyond the mask's width are room, not cache, and the past passed in is spent. A decode step's
+        logits are the batch's logits buffer, which its next step overwrites: take the tokens first."""
         if self.on_device:
             logits, present = self._step_on_device(input_ids, attention_mask, past)
         elif past is None:
@@ -121,7 +122,7 @@ class Engine:
         past.binding.bind_cpu_input("input_ids", input_ids)
         past.binding.bind_cpu_input("attention_mask", attention_mask)
         self.session.run_with_iobinding(past.binding)
-        return past.logits.copy(), past  # a copy: the next step writes into the same buffer
+        return past.logits, past  # no copy (a fresh 1.5 MB at batch 8 is ~1% of a step): callers sample first
 
     def _step_on_device(self, input_ids, attention_mask, past):
         """CUDA: the presents stay on the GPU as OrtValues and come back as the next step's past (IO binding);

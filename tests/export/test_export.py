@@ -54,6 +54,17 @@ def test_manifest_holds_the_contract_and_a_passed_report(tiny_case):
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
 
 
+def test_graph_computes_no_output_nobody_reads(tiny_case):
+    import onnx
+
+    folder, artifact = tiny_case
+    graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
+    read = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    norms = [node for node in graph.node if node.op_type.startswith("Skip")]
+    assert norms and all(node.output[1:3] == ["", ""] for node in norms)  # mean and inverse deviation left out
+    assert [name for node in graph.node for name in node.output if name and name not in read] == []
+
+
 def test_engine_greedy_equals_eager(tiny_case):
     folder, artifact = tiny_case
     pretrained = load_pretrained(str(folder))
