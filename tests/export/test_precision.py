@@ -1,12 +1,18 @@
 """Reduced precisions: int8 and int4 (weight-only MatMulNBits) certified on quality, fp16 structurally; an
 artifact below its quality threshold is refused."""
 
+from collections import Counter
+
+import numpy as np
 import onnx
 import pytest
 
 from export.artifact import ArtifactError, read_manifest
+from export.contract import empty_past, feed
 from export.exporter import export
 from export.parity import QUALITY_CRITERIA
+from export.quantize import split_lm_head, untie_lm_head
+from export.runtime import create_session
 from model.generation import Sequence, StoppingParams, generate
 from service.engine import Engine
 
@@ -17,12 +23,13 @@ def tiny_llama(tiny_folders):
 
 
 def matmul_kinds(artifact):
-    """Counts of MatMulNBits nodes and of plain MatMuls that still read a weight initializer."""
+    """Counts of MatMulNBits nodes by their bits, and of plain MatMuls that still read a weight initializer."""
     graph = onnx.load(str(artifact / "model.onnx"), load_external_data=False).graph
     weights = {tensor.name for tensor in graph.initializer}
-    quantized = sum(node.op_type == "MatMulNBits" for node in graph.node)
+    quantized = Counter(onnx.helper.get_node_attr_value(node, "bits") for node in graph.node
+                        if node.op_type == "MatMulNBits")
     plain = sum(node.op_type == "MatMul" and node.input[1] in weights for node in graph.node)
-    return quantized, plain
+    return dict(quantized), plain
 
 
 # Tiny random models have near-flat distributions over 49152 tokens, where 4-bit rounding flips many near-ties
@@ -41,8 +48,10 @@ def test_weight_only_quantization_is_certified_on_quality(precision, tiny_llama,
     assert report["passed"] and report["precision"] == precision and report["criteria"] == criteria
     assert criteria["min_top1_agreement"] <= report["top1_agreement"] <= 1.0
     assert report["perplexity"]["ratio"] <= criteria["max_perplexity_ratio"]
-    # 2 layers x (qkv, o, gate, up, down) + the LM head, and no weight left behind.
-    assert matmul_kinds(out) == (2 * 5 + 1, 0)
+    # 2 layers x (qkv, o, gate, up, down) + the LM head, and no weight left behind; in int4 the head is two
+    # MatMuls, its first FREQUENT_TOKENS token ids in 8 bits, the rest in 4.
+    expected = {"int8": {8: 2 * 5 + 1}, "int4": {4: 2 * 5 + 1, 8: 1}}[precision]
+    assert matmul_kinds(out) == (expected, 0)
     assert manifest["quantization"]["embedding"] == "fp32"
     engine = Engine.load(out)
     prompt = engine.tokenizer.encode("Once upon a time")
@@ -72,3 +81,18 @@ def test_default_model_int4_meets_the_shipped_thresholds(default_gguf, tmp_path)
     report = manifest["parity"]
     assert report["passed"] and report["criteria"] == QUALITY_CRITERIA["int4"]
     assert "quantized_twice" in manifest["quantization"]  # GGUF Q4_1 source, quantized again
+
+
+def test_split_lm_head_computes_the_same_logits(tiny_artifact, tmp_path):
+    """int4's LM head in two MatMuls (frequent token ids, the rest) and a Concat: the same function in fp32."""
+    graph = read_manifest(tiny_artifact)["graph"]
+    model = onnx.load(str(tiny_artifact / "model.onnx"))
+    untie_lm_head(model)
+    assert split_lm_head(model, 1000).endswith("_frequent")
+    onnx.save(model, str(tmp_path / "split.onnx"))
+    prompt = np.array([[5, 17, 300, 2000, 40000]], dtype=np.int64)
+    inputs = feed(graph, prompt, np.ones_like(prompt), empty_past(graph, 1))
+    logits, split = (create_session(path, "cpu").run(["logits"], inputs)[0]
+                     for path in (tiny_artifact / "model.onnx", tmp_path / "split.onnx"))
+    assert split.shape == logits.shape == (1, 5, graph["vocab_size"])
+    np.testing.assert_allclose(split, logits, atol=1e-5)
