@@ -89,17 +89,18 @@ def convert(fp32_path: Path, out_path: Path, precision: str, source_quantized: b
     """Writes the graph at `precision`; returns the manifest's notes on what was quantized."""
     model = onnx.load(str(fp32_path))
     notes = {"embedding": "fp32"}
+    block = BLOCK_SIZES.get(precision)
     if precision == "int8":
         untie_lm_head(model)
-        model = quantize_weights(model, bits=8, block_size=BLOCK_SIZES[precision])
-        notes.update(method=f"MatMulNBits weight-only, 8-bit, block {BLOCK_SIZES[precision]}, asymmetric",
+        model = quantize_weights(model, bits=8, block_size=block)
+        notes.update(method=f"MatMulNBits weight-only, 8-bit, block {block}, asymmetric",
                      quantized="every MatMul weight (attention, MLP, LM head)", lm_head="8-bit")
     elif precision == "int4":
         untie_lm_head(model)
         head = [split_lm_head(model, FREQUENT_TOKENS)]
-        model = quantize_weights(model, bits=4, block_size=BLOCK_SIZES[precision], nodes_to_exclude=head)
-        model = quantize_weights(model, bits=8, block_size=BLOCK_SIZES[precision], nodes_to_include=head)
-        notes.update(method=f"MatMulNBits weight-only, 4-bit, block {BLOCK_SIZES[precision]}, asymmetric",
+        model = quantize_weights(model, bits=4, block_size=block, nodes_to_exclude=head)
+        model = quantize_weights(model, bits=8, block_size=block, nodes_to_include=head)
+        notes.update(method=f"MatMulNBits weight-only, 4-bit, block {block}, asymmetric",
                      quantized="every MatMul weight (attention, MLP, LM head: 4-bit, but 8-bit for the LM head's "
                                f"first {FREQUENT_TOKENS} token ids)",
                      lm_head=f"8-bit for token ids below {FREQUENT_TOKENS}, 4-bit above")
