@@ -44,7 +44,7 @@ RUN groupadd --gid 10001 gptserve \
  && python -m venv /opt/gptserve
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install /wheels/gptserve-*.whl \
- && python -c "import gptserve.v1.generation_pb2_grpc, service.server, onnxruntime"
+ && python -c "import gptserve.v1.generation_pb2_grpc, gptserve.service.server, onnxruntime"
 COPY deploy/healthcheck.py /opt/gptserve-deploy/healthcheck.py
 USER 10001:10001
 WORKDIR /home/gptserve
@@ -61,7 +61,7 @@ USER 0:0
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
  && pip install "$(echo /wheels/gptserve-*.whl)[export]" \
- && python -c "import torch, export.exporter"
+ && python -c "import torch, gptserve.export.exporter"
 COPY deploy/export-once.py /opt/gptserve-deploy/export-once.py
 USER 10001:10001
 ENTRYPOINT ["python", "/opt/gptserve-deploy/export-once.py"]
@@ -80,7 +80,7 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
  && uv pip install /wheels/gptserve-*.whl \
  && uv pip uninstall onnxruntime \
  && uv pip install "onnxruntime-gpu==${ONNXRUNTIME_VERSION}" \
- && /opt/gptserve/bin/python -c "import onnxruntime as ort, service.server; \
+ && /opt/gptserve/bin/python -c "import onnxruntime as ort, gptserve.service.server; \
 assert 'CUDAExecutionProvider' in ort.get_available_providers(), ort.get_available_providers()"
 
 FROM ${CUDA_IMAGE} AS gpu

@@ -48,7 +48,7 @@ def write_hf_folder(out: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from model.fetch import fetch_default_gguf
+    from gptserve.model.fetch import fetch_default_gguf
 
     gguf = fetch_default_gguf()
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -63,7 +63,7 @@ def write_hf_folder(out: str) -> None:
 
 
 def hf_folder(cache: Path) -> Path:
-    script = "import sys; from bench.prepare import write_hf_folder; write_hf_folder(sys.argv[1])"
+    script = "import sys; from gptserve.bench.prepare import write_hf_folder; write_hf_folder(sys.argv[1])"
     return _make_once(cache / "hf", "config.json", "writing a Hugging Face folder from the GGUF",
                       [sys.executable, "-c", script, "{out}"])
 
@@ -106,7 +106,7 @@ def our_artifact(cache: Path, precision: str = "fp32") -> Path:
     for stale in cache.glob(f"onnx-{precision}-*"):
         if stale != folder:
             shutil.rmtree(stale)
-    script = ("import sys; from export.exporter import export; from model.spec import DEFAULT_MODEL; "
+    script = ("import sys; from gptserve.export.exporter import export; from gptserve.model.spec import DEFAULT_MODEL; "
               "export(DEFAULT_MODEL, sys.argv[1], precision=sys.argv[2])")
     return _make_once(folder, "manifest.json", f"exporting the default model to an {precision} artifact",
                       [sys.executable, "-c", script, "{out}", precision])

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from bench.prepare import our_artifact
-from bench.workload import default_workload
-from export.artifact import read_manifest
-from model.tokenizer import Tokenizer
-from service.engine import Engine
+from gptserve.bench.prepare import our_artifact
+from gptserve.bench.workload import default_workload
+from gptserve.export.artifact import read_manifest
+from gptserve.model.tokenizer import Tokenizer
+from gptserve.service.engine import Engine
 
 
 def profiling_session(graph_path: Path, threads: int | None, prefix: str) -> ort.InferenceSession:

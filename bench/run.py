@@ -28,9 +28,9 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from bench import prepare
-from bench.report import format_table, summarise, token_agreement, write_chart
-from bench.workload import Workload, default_workload
+from gptserve.bench import prepare
+from gptserve.bench.report import format_table, summarise, token_agreement, write_chart
+from gptserve.bench.workload import Workload, default_workload
 
 BASELINES = ("transformers", "genai-fp32", "genai-int4", "llama.cpp")
 CHILD_TIMEOUT = 1800  # seconds for one measurement process, loading included
@@ -84,7 +84,7 @@ def measure(system: System, batch_size: int, workload: Workload, threads: int, s
     result_path.unlink(missing_ok=True)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
     try:
-        child = subprocess.run([sys.executable, "-m", "bench.runners", str(task_path), str(result_path)],
+        child = subprocess.run([sys.executable, "-m", "gptserve.bench.runners", str(task_path), str(result_path)],
                                capture_output=True, text=True, timeout=CHILD_TIMEOUT, env=environment)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {CHILD_TIMEOUT} s"}

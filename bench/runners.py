@@ -145,7 +145,7 @@ class LlamaCppRunner:
         sys.path.append(folder)  # after the environment's own packages (its numpy, say)
         import llama_cpp
 
-        from model.fetch import fetch_default_gguf
+        from gptserve.model.fetch import fetch_default_gguf
 
         self.api = api = llama_cpp
         self._silence = api.llama_log_callback(lambda level, text, data: None)  # kept: C holds the pointer
@@ -207,13 +207,13 @@ def load_runner(system: dict, threads: int, eos_token_ids: list[int]) -> Runner:
     if kind == "eager":
         import torch
 
-        from model.eager import EagerStep
-        from model.spec import DEFAULT_MODEL, load_pretrained
+        from gptserve.model.eager import EagerStep
+        from gptserve.model.spec import DEFAULT_MODEL, load_pretrained
 
         torch.set_num_threads(threads)
         return StepRunner(EagerStep(load_pretrained(DEFAULT_MODEL).build()), eos_token_ids)
     if kind == "onnx":
-        from service.engine import Engine
+        from gptserve.service.engine import Engine
 
         return StepRunner(Engine.load(path, "cpu", threads).step, eos_token_ids)
     if kind == "transformers":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from model.fetch import fetch_default_gguf
-from model.tokenizer import Tokenizer
+from gptserve.model.fetch import fetch_default_gguf
+from gptserve.model.tokenizer import Tokenizer
 
 # Through the default model's chat template (with its default system prompt) this is 41 tokens.
 CHAT_MESSAGE = "Explain why the sky is blue in two short sentences."

@@ -11,7 +11,7 @@ themselves.
 import logging
 import sys
 
-from service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
+from gptserve.service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
 
 
 def main(argv: list[str]) -> int:

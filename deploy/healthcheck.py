@@ -9,7 +9,7 @@ import sys
 
 import grpc
 
-from service.client import GenerationClient
+from gptserve.service.client import GenerationClient
 
 
 def main(argv: list[str]) -> int:

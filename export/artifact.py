@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.fetch import sha256_file
+from gptserve.model.fetch import sha256_file
 
 # 2: the fused graph (KV buffers with room are written in place; the optional logits_to_keep input).
 FORMAT = "gptserve-artifact/2"

@@ -14,18 +14,18 @@ import onnx
 import torch
 from torch.export import Dim
 
-from export.artifact import (
+from gptserve.export.artifact import (
     FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
 )
-from export.contract import graph_contract, past_names, present_names
-from export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
-from export.parity import CANARY_TEXT, certify
-from export.quantize import PRECISIONS, convert
-from export.runtime import create_session
-from model.gpt import GPT
-from model.spec import Pretrained, load_pretrained
+from gptserve.export.contract import graph_contract, past_names, present_names
+from gptserve.export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
+from gptserve.export.parity import CANARY_TEXT, certify
+from gptserve.export.quantize import PRECISIONS, convert
+from gptserve.export.runtime import create_session
+from gptserve.model.gpt import GPT
+from gptserve.model.spec import Pretrained, load_pretrained
 
-# Opset 23: the first block's norm is one RMSNormalization node (the contrib kernels come from export.fused).
+# Opset 23: the first block's norm is one RMSNormalization node (the contrib kernels come from gptserve.export.fused).
 OPSET = 23
 SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
 
@@ -62,7 +62,7 @@ def export_graph(model: GPT, path: Path) -> None:
 
 
 def source_is_quantized(source: Path) -> bool:
-    from model.tokenizer import read_gguf_metadata
+    from gptserve.model.tokenizer import read_gguf_metadata
 
     # GGUF file types 0 and 1 are all-F32 and mostly-F16; every other type holds quantized blocks.
     return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.gpt import GPT, PastKeyValues, rope_angles
+from gptserve.model.gpt import GPT, PastKeyValues, rope_angles
 
 MICROSOFT = "com.microsoft::"
 LOGITS_TO_KEEP = "logits_to_keep"

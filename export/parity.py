@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.contract import empty_past, feed, ragged_mask
-from model.gpt import GPT
+from gptserve.export.contract import empty_past, feed, ragged_mask
+from gptserve.model.gpt import GPT
 
 DECODE_STEPS = 32
 RAGGED_DECODE_STEPS = 4

@@ -28,8 +28,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def request_params(args: argparse.Namespace):
-    from model.generation import StoppingParams
-    from model.sampling import SamplingParams
+    from gptserve.model.generation import StoppingParams
+    from gptserve.model.sampling import SamplingParams
 
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
     stopping = StoppingParams(args.max_new_tokens, tuple(args.stop), args.ignore_eos)
@@ -37,16 +37,16 @@ def request_params(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from model.generation import Sequence, generate
+    from gptserve.model.generation import Sequence, generate
 
     if args.artifacts:
-        from service.engine import Engine
+        from gptserve.service.engine import Engine
 
         engine = Engine.load(args.artifacts)
         step, tokenizer, context_length = engine.step, engine.tokenizer, engine.context_length
     else:
-        from model.eager import EagerStep
-        from model.spec import load_pretrained
+        from gptserve.model.eager import EagerStep
+        from gptserve.model.spec import load_pretrained
 
         pretrained = load_pretrained(args.model)
         step, tokenizer = EagerStep(pretrained.build()), pretrained.tokenizer
@@ -68,14 +68,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from export.exporter import export
+    from gptserve.export.exporter import export
 
     export(args.model, args.out, tolerance=args.tolerance, context_length=args.max_context, precision=args.precision)
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from export.artifact import format_report, read_manifest
+    from gptserve.export.artifact import format_report, read_manifest
 
     manifest = read_manifest(args.artifacts)
     model, graph = manifest["model"], manifest["graph"]
@@ -91,10 +91,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from service.artifacts import default_precision, ensure_artifact
-    from service.client import read_token
-    from service.engine import Engine
-    from service.server import ServerConfig, serve
+    from gptserve.service.artifacts import default_precision, ensure_artifact
+    from gptserve.service.client import read_token
+    from gptserve.service.engine import Engine
+    from gptserve.service.server import ServerConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     folder = ensure_artifact(args.artifacts, args.model, args.precision or default_precision(args.provider))
@@ -110,20 +110,20 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_client(args: argparse.Namespace) -> int:
-    from service.client import run_client as stream_to_terminal
+    from gptserve.service.client import run_client as stream_to_terminal
 
     return stream_to_terminal(args)
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
-    from service.artifacts import ensure_artifact
-    from service.bench import run_bench
+    from gptserve.service.artifacts import ensure_artifact
+    from gptserve.service.bench import run_bench
 
     return run_bench(ensure_artifact(args.artifacts, args.model), args)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from bench.run import run_bench
+    from gptserve.bench.run import run_bench
 
     return run_bench(args)
 

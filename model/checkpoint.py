@@ -17,8 +17,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from model.config import GPTConfig
-from model.gpt import GPT
+from gptserve.model.config import GPTConfig
+from gptserve.model.gpt import GPT
 
 StateDict = dict[str, torch.Tensor]
 Shape = tuple[int, ...]

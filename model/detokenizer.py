@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from model.tokenizer import Tokenizer
+from gptserve.model.tokenizer import Tokenizer
 
 # Prompt tokens kept as context for the first generated ones; a few cover any decoder's look-back.
 _PROMPT_CONTEXT = 4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from model.gpt import GPT, PastKeyValues
+from gptserve.model.gpt import GPT, PastKeyValues
 
 
 class EagerStep:

@@ -9,9 +9,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from model.detokenizer import IncrementalDetokenizer
-from model.sampling import Sampler, SamplingParams
-from model.tokenizer import Tokenizer
+from gptserve.model.detokenizer import IncrementalDetokenizer
+from gptserve.model.sampling import Sampler, SamplingParams
+from gptserve.model.tokenizer import Tokenizer
 
 
 class FinishReason(enum.Enum):

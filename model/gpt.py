@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import GPTConfig
+from gptserve.model.config import GPTConfig
 
 PastKeyValues = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, read_gguf, read_hf_folder
-from model.config import GPTConfig
-from model.fetch import fetch_default_gguf
-from model.tokenizer import Tokenizer
+from gptserve.model.checkpoint import CheckpointError, read_gguf, read_hf_folder
+from gptserve.model.config import GPTConfig
+from gptserve.model.fetch import fetch_default_gguf
+from gptserve.model.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -28,7 +28,7 @@ class Pretrained:
     source: Path
 
     def build(self):
-        from model.checkpoint import load_gpt
+        from gptserve.model.checkpoint import load_gpt
 
         return load_gpt(self.config, self.state_dict)
 

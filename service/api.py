@@ -7,10 +7,10 @@ import uuid
 from dataclasses import dataclass
 
 from gptserve.v1 import generation_pb2 as pb
-from model.generation import FinishReason, StoppingParams, TokenEvent
-from model.sampling import SamplingParams
-from model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
-from service.errors import InvalidRequest
+from gptserve.model.generation import FinishReason, StoppingParams, TokenEvent
+from gptserve.model.sampling import SamplingParams
+from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
+from gptserve.service.errors import InvalidRequest
 
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0

@@ -9,15 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from export.artifact import MANIFEST, ArtifactError, read_manifest
-from model.fetch import cache_dir
+from gptserve.export.artifact import MANIFEST, ArtifactError, read_manifest
+from gptserve.model.fetch import cache_dir
 
 log = logging.getLogger("gptserve.server")
 
 
 def default_precision(provider: str = "auto") -> str:
     """fp16 where the engine will run on CUDA, fp32 on CPU; $GPTSERVE_PRECISION overrides."""
-    from export.runtime import choose_providers
+    from gptserve.export.runtime import choose_providers
 
     if os.environ.get("GPTSERVE_PRECISION"):
         return os.environ["GPTSERVE_PRECISION"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.contract import ragged_mask
+from gptserve.export.contract import ragged_mask
 
 
 def on_host(tensor) -> np.ndarray:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model.generation import Sequence, StoppingParams, generate
-from model.sampling import SamplingParams
-from service.api import GenerationRequest
-from service.metrics import Metrics
-from service.scheduler import Scheduler
+from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.model.sampling import SamplingParams
+from gptserve.service.api import GenerationRequest
+from gptserve.service.metrics import Metrics
+from gptserve.service.scheduler import Scheduler
 
 # Prompts of different lengths, so batched rows are ragged as in real traffic.
 PROMPTS = [
@@ -124,7 +124,7 @@ async def _grpc_streams(target: str, streams: int, rounds: int, max_new_tokens: 
     import grpc
 
     from gptserve.v1 import generation_pb2_grpc as pb_grpc
-    from service.client import build_request
+    from gptserve.service.client import build_request
 
     records: list[StreamRecord] = []
     async with grpc.aio.insecure_channel(target) as channel:
@@ -183,8 +183,8 @@ def format_table(figures: list[Figures]) -> str:
 
 
 def run_bench(folder: Path, args) -> int:
-    from service.client import GenerationClient
-    from service.engine import Engine
+    from gptserve.service.client import GenerationClient
+    from gptserve.service.engine import Engine
 
     engine = Engine.load(folder, "auto", args.threads)
     print("\n".join(machine_description(engine)), flush=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.artifact import ArtifactError, read_manifest, verify_files
-from export.contract import empty_past, feed, past_names, present_names
-from export.runtime import create_session
-from model.tokenizer import Tokenizer
+from gptserve.export.artifact import ArtifactError, read_manifest, verify_files
+from gptserve.export.contract import empty_past, feed, past_names, present_names
+from gptserve.export.runtime import create_session
+from gptserve.model.tokenizer import Tokenizer
 
 log = logging.getLogger("gptserve.engine")
 

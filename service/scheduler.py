@@ -26,12 +26,12 @@ from typing import AsyncIterator
 
 import numpy as np
 
-from model.generation import Sequence, TokenEvent
-from service.api import GenerationRequest, Timings
-from export.contract import ragged_mask
-from service.batch_cache import BatchCache
-from service.errors import EngineFailure, NotServing, QueueFull
-from service.metrics import Metrics
+from gptserve.model.generation import Sequence, TokenEvent
+from gptserve.service.api import GenerationRequest, Timings
+from gptserve.export.contract import ragged_mask
+from gptserve.service.batch_cache import BatchCache
+from gptserve.service.errors import EngineFailure, NotServing, QueueFull
+from gptserve.service.metrics import Metrics
 
 log = logging.getLogger("gptserve.scheduler")
 

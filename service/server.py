@@ -25,15 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from export.artifact import format_report
+from gptserve.export.artifact import format_report
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
-from service.api import (
+from gptserve.service.api import (
     FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, tokens_to_proto, usage_to_proto,
 )
-from service.errors import NotServing, Unauthenticated, status_for
-from service.metrics import Metrics
-from service.scheduler import RequestHandle, Scheduler
+from gptserve.service.errors import NotServing, Unauthenticated, status_for
+from gptserve.service.metrics import Metrics
+from gptserve.service.scheduler import RequestHandle, Scheduler
 
 log = logging.getLogger("gptserve.server")
 request_log = logging.getLogger("gptserve.requests")

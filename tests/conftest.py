@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from model.fetch import fetch_default_gguf
+from gptserve.model.fetch import fetch_default_gguf
 from tests.tiny_models import save_tiny_folder
 
 
@@ -26,7 +26,7 @@ def tiny_folders(tmp_path_factory, default_gguf) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory, tiny_folders) -> Path:
     """The tiny random Llama, exported and certified at the tiny models' tolerance (1e-5)."""
-    from export.exporter import export
+    from gptserve.export.exporter import export
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-llama"
     export(str(tiny_folders["llama"]), out, tolerance=1e-5)
@@ -36,7 +36,7 @@ def tiny_artifact(tmp_path_factory, tiny_folders) -> Path:
 @pytest.fixture(scope="session")
 def default_artifact(tmp_path_factory, default_gguf) -> Path:
     """The default model (SmolLM2-135M-Instruct), exported and certified once per test run."""
-    from export.exporter import export
+    from gptserve.export.exporter import export
 
     out = tmp_path_factory.mktemp("artifacts") / "smollm2-135m-instruct"
     export("smollm2-135m-instruct", out)

@@ -39,7 +39,7 @@ def build_reference(kind: str, seed: int = 0, std: float = 0.1):
 
 def save_tiny_folder(kind: str, folder: Path, tokenizer_source: Path, seed: int = 0):
     """Writes the model and the default model's tokenizer into a Hugging Face folder; returns the model."""
-    from model.tokenizer import Tokenizer
+    from gptserve.model.tokenizer import Tokenizer
 
     model = build_reference(kind, seed)
     model.save_pretrained(folder)

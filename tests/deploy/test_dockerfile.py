@@ -152,9 +152,12 @@ def test_the_wheel_the_images_install(tmp_path):
     (wheel,) = (tmp_path / "wheels").glob("gptserve-*.whl")
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
     assert {"gptserve/v1/generation_pb2.py", "gptserve/v1/generation_pb2_grpc.py"} <= in_wheel
-    packages = ("model", "export", "service", "gptserve")
-    expected = {path.relative_to(context).as_posix() for package in packages
-                for path in (context / package).rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    # Every top-level folder installs under the one root `gptserve` (pyproject's package-dir).
+    roots = {"gptserve": "gptserve", "model": "gptserve/model", "export": "gptserve/export",
+             "service": "gptserve/service", "bench": "gptserve/bench"}
+    expected = {f"{root}/{path.relative_to(context / folder).as_posix()}" for folder, root in roots.items()
+                for path in (context / folder).rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    assert not {name for name in in_wheel if name.split("/")[0] in {"model", "export", "service", "bench"}}
     missing = sorted(expected - in_wheel)
     assert not missing, f"the wheel (so every image) lacks {missing}: list them in pyproject's package data"
 

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gptserve.v1 import generation_pb2 as pb
-from service.client import GenerationClient
+from gptserve.service.client import GenerationClient
 from tests.deploy.support import HEALTHCHECK, NGINX_TEMPLATE, NGINX_TLS_CONF, REPO, render_template
 
 TOKEN = "deploy-test-token"

@@ -9,12 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-from export.artifact import ArtifactError, read_manifest
-from export.contract import past_names, present_names
-from model.eager import EagerStep
-from model.generation import Sequence, StoppingParams, generate
-from model.spec import load_pretrained
-from service.engine import Engine
+from gptserve.export.artifact import ArtifactError, read_manifest
+from gptserve.export.contract import past_names, present_names
+from gptserve.model.eager import EagerStep
+from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.model.spec import load_pretrained
+from gptserve.service.engine import Engine
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Bonjour, je m'appelle", "1, 2, 3, 5, 8,"]
 
@@ -26,7 +26,7 @@ def greedy(step, tokenizer, prompt, max_new_tokens=24):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2_artifact(tmp_path_factory, tiny_folders):
-    from export.exporter import export
+    from gptserve.export.exporter import export
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-gpt2"
     export(str(tiny_folders["gpt2"]), out, tolerance=1e-5)
@@ -92,7 +92,7 @@ def test_inspect_shows_the_report(tiny_artifact):
 
 
 def test_failed_certification_writes_nothing(tiny_folders, tmp_path):
-    from export.exporter import export
+    from gptserve.export.exporter import export
 
     out = tmp_path / "refused"
     with pytest.raises(ArtifactError, match="parity certification failed"):

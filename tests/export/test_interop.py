@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from model.generation import Sequence, StoppingParams, generate
-from service.engine import Engine
+from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.service.engine import Engine
 
 og = pytest.importorskip("onnxruntime_genai")
 

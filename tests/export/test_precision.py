@@ -7,14 +7,14 @@ import numpy as np
 import onnx
 import pytest
 
-from export.artifact import ArtifactError, read_manifest
-from export.contract import empty_past, feed
-from export.exporter import export
-from export.parity import QUALITY_CRITERIA
-from export.quantize import split_lm_head, untie_lm_head
-from export.runtime import create_session
-from model.generation import Sequence, StoppingParams, generate
-from service.engine import Engine
+from gptserve.export.artifact import ArtifactError, read_manifest
+from gptserve.export.contract import empty_past, feed
+from gptserve.export.exporter import export
+from gptserve.export.parity import QUALITY_CRITERIA
+from gptserve.export.quantize import split_lm_head, untie_lm_head
+from gptserve.export.runtime import create_session
+from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.service.engine import Engine
 
 
 @pytest.fixture(scope="module")

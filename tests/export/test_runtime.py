@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from export.runtime import choose_providers, create_session, provider_options
+from gptserve.export.runtime import choose_providers, create_session, provider_options
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU_BUILD = ["CPUExecutionProvider"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import preset
-from model.gpt import GPT, CausalSelfAttention, rope_cos_sin
+from gptserve.model.config import preset
+from gptserve.model.gpt import GPT, CausalSelfAttention, rope_cos_sin
 
 
 def single_head_attention(q, k, v):

@@ -12,7 +12,7 @@ import safetensors.torch
 import torch
 import transformers
 
-from model.checkpoint import CheckpointError, load_gpt, read_gguf, read_hf_folder
+from gptserve.model.checkpoint import CheckpointError, load_gpt, read_gguf, read_hf_folder
 
 VOCAB = 128
 PROMPT_LENGTH, DECODE_STEPS = 8, 16

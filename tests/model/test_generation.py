@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import preset
-from model.eager import EagerStep
-from model.generation import FinishReason, Sequence, StoppingParams, StopStringFilter, generate
-from model.gpt import GPT
-from model.sampling import SamplingParams
-from model.tokenizer import Tokenizer
+from gptserve.model.config import preset
+from gptserve.model.eager import EagerStep
+from gptserve.model.generation import FinishReason, Sequence, StoppingParams, StopStringFilter, generate
+from gptserve.model.gpt import GPT
+from gptserve.model.sampling import SamplingParams
+from gptserve.model.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from model.sampling import Sampler, SamplingParams
+from gptserve.model.sampling import Sampler, SamplingParams
 
 LOGITS = np.log(np.array([0.05, 0.1, 0.5, 0.3, 0.05], dtype=np.float32))
 NOTHING_SEEN = np.array([], dtype=np.int64)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from model.checkpoint import CheckpointError
-from model.fetch import DEFAULT_SHA256, FetchError, fetch_default_gguf, verify_sha256
-from model.spec import load_pretrained, resolve
+from gptserve.model.checkpoint import CheckpointError
+from gptserve.model.fetch import DEFAULT_SHA256, FetchError, fetch_default_gguf, verify_sha256
+from gptserve.model.spec import load_pretrained, resolve
 
 
 def test_unknown_spec_names_what_is_accepted():

@@ -15,8 +15,8 @@ from tokenizers import models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerFast
 from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
 
-from model.detokenizer import IncrementalDetokenizer
-from model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
+from gptserve.model.detokenizer import IncrementalDetokenizer
+from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 
 TEXTS = [
     "Hello, world! It's a test; we'll see.",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import Engine
+from gptserve.service.engine import Engine
 
 
 @pytest.fixture(scope="session")

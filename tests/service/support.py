@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import time
 
-from model.generation import GenerationResult, Sequence, StoppingParams, generate
-from model.sampling import SamplingParams
-from service.client import GenerationClient
-from service.server import BackgroundServer, ServerConfig
+from gptserve.model.generation import GenerationResult, Sequence, StoppingParams, generate
+from gptserve.model.sampling import SamplingParams
+from gptserve.service.client import GenerationClient
+from gptserve.service.server import BackgroundServer, ServerConfig
 
 
 @contextlib.contextmanager

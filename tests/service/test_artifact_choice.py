@@ -4,8 +4,8 @@ again when the cached one is of an older format."""
 import json
 import shutil
 
-from export.artifact import MANIFEST, read_manifest
-from service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
+from gptserve.export.artifact import MANIFEST, read_manifest
+from gptserve.service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
 
 
 def test_cpu_machines_default_to_fp32(monkeypatch):

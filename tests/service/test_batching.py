@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from gptserve.v1 import generation_pb2 as pb
-from model.generation import StoppingParams
-from model.sampling import SamplingParams
-from service.api import GenerationRequest
-from service.metrics import Metrics
-from service.scheduler import Scheduler
+from gptserve.model.generation import StoppingParams
+from gptserve.model.sampling import SamplingParams
+from gptserve.service.api import GenerationRequest
+from gptserve.service.metrics import Metrics
+from gptserve.service.scheduler import Scheduler
 from tests.service.support import collect, running_server, solo_greedy, wait_for
 
 PROMPTS = [

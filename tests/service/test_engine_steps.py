@@ -3,8 +3,8 @@ buffers in place (no copy of the cache per step), with the same numbers as the g
 
 import numpy as np
 
-from export.contract import empty_past, feed, ragged_mask
-from service.engine import with_room
+from gptserve.export.contract import empty_past, feed, ragged_mask
+from gptserve.service.engine import with_room
 
 
 def test_decode_steps_append_in_place_and_equal_a_plain_run(tiny_engine):

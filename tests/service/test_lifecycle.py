@@ -19,8 +19,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gptserve.v1 import generation_pb2 as pb
-from service.client import GenerationClient
-from service.server import BackgroundServer, ServerConfig
+from gptserve.service.client import GenerationClient
+from gptserve.service.server import BackgroundServer, ServerConfig
 from tests.service.support import wait_for
 
 

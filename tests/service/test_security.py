@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from gptserve.v1 import generation_pb2 as pb
-from service.client import GenerationClient
+from gptserve.service.client import GenerationClient
 from tests.service.support import running_server
 
 TOKEN = "s3cret-token"

@@ -8,8 +8,8 @@ import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from gptserve.v1 import generation_pb2 as pb
-from model.generation import Sequence, StoppingParams, generate
-from model.sampling import SamplingParams
+from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.model.sampling import SamplingParams
 from tests.service.support import collect, running_server, solo_greedy
 
 MAX_NEW_TOKENS = 12
@@ -24,8 +24,8 @@ def served(default_engine):
 
 @pytest.fixture(scope="module")
 def eager_step():
-    from model.eager import EagerStep
-    from model.spec import load_pretrained
+    from gptserve.model.eager import EagerStep
+    from gptserve.model.spec import load_pretrained
 
     return EagerStep(load_pretrained("smollm2-135m-instruct").build())
 

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from gptserve.v1 import generation_pb2 as pb
-from service.client import build_request
+from gptserve.service.client import build_request
 from tests.service.support import collect, running_server, wait_for
 
 MAX_NEW_TOKENS = 8

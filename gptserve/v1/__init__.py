@@ -1,0 +1,1 @@
+"""The gRPC API stubs, generated from protos/gptserve/v1 (`make protos`)."""
