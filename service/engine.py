@@ -10,8 +10,10 @@ import onnxruntime as ort
 
 from gptserve.export.artifact import ArtifactError, read_manifest, verify_files
 from gptserve.export.contract import empty_past, feed, past_names, present_names
+from gptserve.export.contract import ragged_mask
 from gptserve.export.runtime import create_session
 from gptserve.model.tokenizer import Tokenizer
+from gptserve.service.kv_cache import KVCache
 
 log = logging.getLogger("gptserve.engine")
 
@@ -73,6 +75,34 @@ class Engine:
     def empty_past(self, batch_size: int) -> list[np.ndarray]:
         return empty_past(self.graph, batch_size)
 
+    # The scheduler's verbs: a batch's cache is a KVCache this engine fills; nothing else reads its buffers.
+
+    def prefill(self, prompts: list, cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]:
+        """Prompts (token ids, a ragged batch) into a new cache; or, with `cache` (one row), the next chunk of
+        that row's prompt appended to it (GroupQueryAttention runs several new tokens over a past for a batch of
+        one only). Each row's last token's logits (B, V), and the cache."""
+        lengths = np.array([len(prompt) for prompt in prompts])
+        if cache is None:
+            attention_mask = ragged_mask(lengths)  # (B, T)
+            input_ids = np.zeros(attention_mask.shape, dtype=np.int64)  # (B, T); padding ids are masked out
+            for row, prompt in enumerate(prompts):
+                input_ids[row, :len(prompt)] = prompt
+            logits, present = self.step(input_ids, attention_mask, None)
+            return logits, KVCache(present, lengths)
+        if cache.size != 1 or len(prompts) != 1:
+            raise ValueError("a prompt chunk over a cache is a batch of one")
+        input_ids = np.array(prompts, dtype=np.int64)  # (1, T)
+        logits, present = self.step(input_ids, cache.attention_mask(input_ids.shape[1]), cache.buffers)
+        cache.advance(present, input_ids.shape[1])
+        return logits, cache
+
+    def decode(self, cache: KVCache, token_ids: np.ndarray) -> np.ndarray:
+        """One new token per row (B,), appended to the cache in place. The logits (B, V) are the batch's logits
+        buffer, which its next step overwrites: take the tokens first."""
+        logits, present = self.step(token_ids.reshape(-1, 1).astype(np.int64), cache.attention_mask(), cache.buffers)
+        cache.advance(present)
+        return logits
+
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray] | None):
         """A generation step. input_ids (B, T), attention_mask (B, longest row + T), past: flat per-layer
         [key, value, ...] each (B, KV, P, D) with P at least the longest row, or None for a prefill. Rows are
@@ -85,8 +115,8 @@ class Engine:
         logits are the batch's logits buffer, which its next step overwrites: take the tokens first."""
         if self.on_device:
             logits, present = self._step_on_device(input_ids, attention_mask, past)
-        elif past is None:
-            logits, present = self._prefill(input_ids, attention_mask)
+        elif past is None or input_ids.shape[1] > 1:
+            logits, present = self._prefill(input_ids, attention_mask, past)
         else:
             logits, present = self._step_in_place(input_ids, attention_mask, past)
         if logits.shape[1] == 1:
@@ -95,12 +125,16 @@ class Engine:
         last = attention_mask.sum(-1) - 1 - (attention_mask.shape[1] - logits.shape[1])
         return logits[np.arange(len(logits)), last], present
 
-    def _prefill(self, input_ids, attention_mask):
-        """CPU: logits of the last positions only (logits_to_keep), as many as reach back to the shortest prompt's
-        last token: one each when no prompt is padded. A plain run: IO binding cannot bind an input that has a
-        default."""
+    def _prefill(self, input_ids, attention_mask, past):
+        """CPU, several new tokens (a prompt, or a chunk of one over its past): logits of the last positions only
+        (logits_to_keep), as many as reach back to the shortest row's last token: one each when no row is padded.
+        A plain run (IO binding cannot bind an input that has a default), so the present is a new buffer."""
         keep = int(input_ids.shape[1] - attention_mask.sum(-1).min() + 1)
-        inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=keep)
+        if past is None:
+            past = self.empty_past(input_ids.shape[0])
+        else:  # a buffer with room: only its cached positions are the past
+            past = [tensor[:, :, :attention_mask.shape[1] - input_ids.shape[1]] for tensor in past]
+        inputs = feed(self.graph, input_ids, attention_mask, past, logits_to_keep=keep)
         logits, *present = self.session.run(None, inputs)
         return logits, present
 

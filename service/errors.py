@@ -31,6 +31,12 @@ class NotServing(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class StalledReader(ServiceError):
+    """A stream whose client read nothing for --stall-seconds: ended, so its slot and cache are free."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unauthenticated(ServiceError):
     code = grpc.StatusCode.UNAUTHENTICATED
 

@@ -1,17 +1,24 @@
-"""Continuous batching: one engine thread steps every active sequence together, newcomers join at step boundaries.
+"""Continuous batching: one engine thread steps every running sequence together, newcomers join at step boundaries.
 
-Each iteration of the engine thread: drop cancelled sequences, prefill the newcomers (together, each prompt
-followed by padding), one decode step for every running sequence, drop the finished ones. Rows are ragged (see
-service/batch_cache.py): each attends to its own tokens only, so a sequence's tokens are the same alone or in any
-batch.
+Each iteration of the engine thread has vLLM's three parts: plan (`Plan`, plain data: who is dropped, paused,
+resumed or admitted, which prompt tokens are prefilled, whether to decode), execute (the engine's steps), apply
+(sample each row's token, send it on, end what finished). Rows are ragged (service/kv_cache.py): each attends to
+its own tokens only, so a sequence's tokens are the same alone or in any batch.
+
+Chunked prefill: one iteration prefills at most `prefill_chunk_tokens` prompt tokens, either several short prompts
+together or one chunk of a long prompt (its cache grows chunk by chunk), and then runs one decode step of the
+running sequences. So a long prompt delays each running stream's next token by one chunk at most, and a request
+cancelled mid-prompt (its client gone, its deadline passed) stops within a chunk.
+
+Slow readers: a token counts as unread until its message's write has completed. A stream with
+`max_unread_tokens` unread is paused: its KV rows leave the batch and wait aside, and it gives up its slot (up to
+`max_paused` paused streams; more than that keep their slots), so a client that stops reading costs no compute and
+never blocks admission. Memory: a paused stream holds its cache (at most context length x the KV bytes of a
+position) and its unread tokens. The server ends a stream whose writes make no progress (service/server.py).
 
 The asyncio side submits checked requests and reads their tokens; the engine thread owns the batch. They meet in
-three places only: the waiting queue (under a lock), each request's cancel flag, and `call_soon_threadsafe`
-deliveries of tokens back to the event loop.
-
-Slow readers: a request whose client has not yet taken `max_unread_tokens` of its tokens is paused -- its KV
-rows leave the batch and wait aside, still holding its slot -- and rejoins once the client catches up. So a client
-that stops reading costs no compute and at most that many tokens of memory, and never slows the others.
+three places only: the waiting queue (under a lock), each request's cancel flag and read count, and
+`call_soon_threadsafe` deliveries of tokens back to the event loop.
 """
 
 from __future__ import annotations
@@ -21,26 +28,41 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import Sequence as Prompt
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Protocol
 
 import numpy as np
 
 from gptserve.model.generation import Sequence, TokenEvent
+from gptserve.model.tokenizer import Tokenizer
 from gptserve.service.api import GenerationRequest, Timings
-from gptserve.export.contract import ragged_mask
-from gptserve.service.batch_cache import BatchCache
 from gptserve.service.errors import EngineFailure, NotServing, QueueFull
+from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
 
 log = logging.getLogger("gptserve.scheduler")
+
+# Prompt tokens one iteration prefills: the longest a running stream waits for its next token while a long
+# prompt is read, and the padded size of a batch of short prompts (measured in README.md's limits section).
+PREFILL_CHUNK_TOKENS = 256
+
+
+class BatchEngine(Protocol):
+    """What the scheduler needs of an engine (service/engine.py's Engine)."""
+
+    tokenizer: Tokenizer
+
+    def prefill(self, prompts: list[Prompt[int]], cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]: ...
+
+    def decode(self, cache: KVCache, token_ids: np.ndarray) -> np.ndarray: ...
 
 
 class RequestHandle:
     """One request as both sides see it. The engine thread writes the sequence, counters and timestamps; the
     event loop reads tokens through `updates()` and may `cancel()`."""
 
-    def __init__(self, request: GenerationRequest, sequence: Sequence, scheduler: "Scheduler",
+    def __init__(self, request: GenerationRequest, sequence: Sequence, scheduler: Scheduler,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.request, self.sequence, self.loop = request, sequence, loop
         self._scheduler = scheduler
@@ -50,7 +72,7 @@ class RequestHandle:
         self.last_token: float | None = None
         self.ended: float | None = None
         self.produced = 0  # tokens the engine thread made
-        self.consumed = 0  # tokens the event loop took
+        self.consumed = 0  # tokens whose messages the client's side has written
         self.paused = False
         self.cancelled = False
         self.done = False
@@ -63,19 +85,20 @@ class RequestHandle:
         return self.produced - self.consumed
 
     async def updates(self) -> AsyncIterator[tuple[list[TokenEvent], bool]]:
-        """(tokens since the last update, whether the request has ended). Raises the request's failure."""
+        """(tokens since the last update, whether the request has ended). Raises the request's failure. The tokens
+        of an update count as read once the caller asks for the next one (after writing them)."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             # Taken together: more tokens (and the end) may arrive while the caller holds this update.
             events, self._events, done = self._events, [], self.done
-            self.consumed += len(events)
-            if self.paused:
-                self._scheduler.wake()
             if self.error is not None:
                 raise self.error
             if events or done:
                 yield events, done
+            self.consumed += len(events)
+            if self.paused:
+                self._scheduler.wake()
             if done:
                 return
 
@@ -99,6 +122,35 @@ class RequestHandle:
         self._wakeup.set()
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt positions [start, stop) of one request, prefilled in this iteration."""
+
+    handle: RequestHandle
+    start: int
+    stop: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.stop == len(self.handle.request.prompt_ids)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One iteration of the engine thread, decided before anything runs."""
+
+    drop: tuple[RequestHandle, ...] = ()  # cancelled: ended, their caches freed
+    pause: tuple[RequestHandle, ...] = ()  # running, with max_unread_tokens unread: aside until their clients read
+    resume: tuple[RequestHandle, ...] = ()  # paused, caught up: back into the batch
+    admit: tuple[RequestHandle, ...] = ()  # from the queue into free slots
+    prefill: tuple[Chunk, ...] = ()  # whole short prompts (one ragged batch), or one chunk of a long one
+    decode: bool = False  # one step of every running sequence
+
+    @property
+    def empty(self) -> bool:
+        return not (self.drop or self.pause or self.resume or self.admit or self.prefill or self.decode)
+
+
 @dataclass
 class _Outgoing:
     events: list[TokenEvent] = field(default_factory=list)
@@ -111,49 +163,59 @@ def _deliver(items: list[tuple[RequestHandle, _Outgoing]]) -> None:
         handle._receive(outgoing.events, outgoing.done, outgoing.error)
 
 
-# Padded prompt tokens in one prefill pass: bounds the padding wasted on prompts of unequal length and the
-# logits the pass returns (B x V floats per position reaching back to the shortest prompt's end).
-PREFILL_TOKEN_BUDGET = 512
-
-
-def prefill_groups(handles: list[RequestHandle], token_budget: int) -> list[list[RequestHandle]]:
-    """Newcomers grouped by prompt length, each group within the budget (a longer prompt goes alone)."""
-    groups: list[list[RequestHandle]] = []
-    for handle in sorted(handles, key=lambda handle: len(handle.request.prompt_ids)):
+def plan_prefill(waiting: list[RequestHandle], progress: dict[RequestHandle, int], budget: int) -> tuple[Chunk, ...]:
+    """The prompt tokens of one iteration, within `budget`: the next chunk of a prompt already begun (one at a
+    time, so few half-read caches wait); else, in arrival order, whole prompts while their padded batch fits; else
+    the first chunk of a prompt longer than the budget."""
+    begun = [handle for handle in waiting if progress.get(handle, 0)]
+    if begun:
+        handle = begun[0]
+        start = progress[handle]
+        return (Chunk(handle, start, min(len(handle.request.prompt_ids), start + budget)),)
+    chunks: list[Chunk] = []
+    for handle in waiting:
         length = len(handle.request.prompt_ids)
-        if groups and (len(groups[-1]) + 1) * length <= token_budget:
-            groups[-1].append(handle)
-        else:
-            groups.append([handle])
-    return groups
+        width = max([length, *(chunk.stop for chunk in chunks)])
+        if length > budget or (len(chunks) + 1) * width > budget:
+            break
+        chunks.append(Chunk(handle, 0, length))
+    if not chunks and waiting:
+        chunks.append(Chunk(waiting[0], 0, budget))
+    return tuple(chunks)
 
 
 class Scheduler:
-    def __init__(self, engine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
-                 max_unread_tokens: int = 256, prefill_token_budget: int = PREFILL_TOKEN_BUDGET) -> None:
-        if max_batch_size < 1 or max_queue < 0 or max_unread_tokens < 1:
-            raise ValueError("max_batch_size and max_unread_tokens must be at least 1, max_queue at least 0")
+    def __init__(self, engine: BatchEngine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
+                 max_unread_tokens: int = 256, max_paused: int | None = None,
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> None:
+        max_paused = max_batch_size if max_paused is None else max_paused
+        if min(max_batch_size, max_unread_tokens, prefill_chunk_tokens) < 1 or min(max_queue, max_paused) < 0:
+            raise ValueError("max_batch_size, max_unread_tokens and prefill_chunk_tokens must be at least 1, "
+                             "max_queue and max_paused at least 0")
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_queue, self.max_unread_tokens = max_batch_size, max_queue, max_unread_tokens
+        self.max_paused, self.prefill_chunk_tokens = max_paused, prefill_chunk_tokens
         self._condition = threading.Condition()
-        # Under the condition's lock: the queue, and how many requests are in the server (waiting or in a slot).
+        # Under the condition's lock: the queue, and how many requests are in the server (queued or admitted).
         self._waiting: deque[RequestHandle] = deque()
         self._outstanding = 0
         self._accepting = True
         self._stopping = False
-        # The engine thread's own: the running rows (in the batch cache's row order), and paused ones.
-        self._rows: list[RequestHandle] = []
-        self._batch: BatchCache | None = None
-        self._paused: dict[RequestHandle, BatchCache] = {}
+        # The engine thread's own: the running rows (in their cache's row order), the admitted requests whose
+        # prompts are being read (with the cache of the chunks read so far), and the paused ones.
+        self._running: list[RequestHandle] = []
+        self._batch: KVCache | None = None
+        self._prefilling: dict[RequestHandle, KVCache | None] = {}
+        self._paused: dict[RequestHandle, KVCache] = {}
         self._outgoing: dict[RequestHandle, _Outgoing] = {}
         self._thread: threading.Thread | None = None
-        self.prefill_token_budget = prefill_token_budget
 
     # The event loop's side -------------------------------------------------------------------------------------
 
     @property
     def active_count(self) -> int:
-        return len(self._rows) + len(self._paused)
+        """Requests admitted and not yet ended: running, reading their prompts, or paused."""
+        return len(self._running) + len(self._prefilling) + len(self._paused)
 
     @property
     def queued_count(self) -> int:
@@ -164,7 +226,8 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queues a checked request; refused at once when max_batch_size + max_queue requests are in already."""
+        """Queues a checked request; refused at once when max_batch_size + max_queue requests are in already
+        (paused ones included)."""
         sequence = Sequence(self.engine.tokenizer, list(request.prompt_ids), request.sampling, request.stopping)
         handle = RequestHandle(request, sequence, self, asyncio.get_running_loop())
         with self._condition:
@@ -180,7 +243,7 @@ class Scheduler:
         return handle
 
     def withdraw(self, handle: RequestHandle) -> None:
-        """A cancelled request leaves the queue at once; a running one at the engine's next step boundary."""
+        """A cancelled request leaves the queue at once; an admitted one at the engine's next step boundary."""
         with self._condition:
             if handle in self._waiting:
                 self._waiting.remove(handle)
@@ -207,110 +270,132 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    # The engine thread -----------------------------------------------------------------------------------------
+    # The engine thread: plan ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (newcomers := self._next_newcomers()) is not None:
+        while (plan := self._next_plan()) is not None:
             try:
-                self._iterate(newcomers)
-            except Exception as error:  # a bug here must not end the loop: fail what was running, go on
+                self._execute(plan)
+            except Exception:  # a bug here must not end the loop: fail what is in the server, go on
                 log.exception("scheduler step failed; failing the %d requests in it", self.active_count)
-                self._fail_everything([*newcomers, *self._rows, *self._paused], EngineFailure(f"scheduler: {error}"))
+                self._fail([*plan.admit, *self._running, *self._prefilling, *self._paused])
             self._flush()
-        self._fail_everything([*self._rows, *self._paused, *self._take_waiting()],
-                              NotServing("the server shut down before this request finished"))
-        self._flush()
-
-    def _next_newcomers(self) -> list[RequestHandle] | None:
-        """Blocks until there is work; the requests to admit now (None when stopping)."""
-        with self._condition:
-            while not self._stopping and not self._has_work():
-                self._condition.wait()
-            if self._stopping:
-                return None
-            newcomers = []
-            while self._waiting and self.active_count + len(newcomers) < self.max_batch_size:
-                newcomers.append(self._waiting.popleft())
-            self.metrics.queue_depth.set(len(self._waiting))
-            return newcomers
-
-    def _has_work(self) -> bool:
-        return bool(self._rows or (self._waiting and self.active_count < self.max_batch_size)
-                    or any(handle.cancelled or handle.unread < self.max_unread_tokens for handle in self._paused))
-
-    def _take_waiting(self) -> list[RequestHandle]:
         with self._condition:
             waiting, self._waiting = list(self._waiting), deque()
-            return waiting
+        for handle in [*self._running, *self._prefilling, *self._paused, *waiting]:
+            self._end(handle, NotServing("the server shut down before this request finished"))
+        self._flush()
 
-    def _iterate(self, newcomers: list[RequestHandle]) -> None:
-        self._drop_cancelled()
-        self._resume_readers()
-        for group in prefill_groups(newcomers, self.prefill_token_budget):
-            self._prefill(group)
-        if newcomers:
+    def _next_plan(self) -> Plan | None:
+        """Blocks until there is something to do; what to do now (None when stopping)."""
+        with self._condition:
+            while not self._stopping:
+                plan = self._plan()
+                if not plan.empty:
+                    self.metrics.queue_depth.set(len(self._waiting))
+                    return plan
+                self._condition.wait()
+            return None
+
+    def _slots_taken(self, running: int, prefilling: int, paused: int) -> int:
+        return running + prefilling + max(0, paused - self.max_paused)
+
+    def _plan(self) -> Plan:
+        """Under the lock (admitting takes from the queue); reads the engine thread's state, changes nothing else."""
+        drop = tuple(handle for handle in [*self._running, *self._prefilling, *self._paused] if handle.cancelled)
+        running = [handle for handle in self._running if not handle.cancelled]
+        prefilling = [handle for handle in self._prefilling if not handle.cancelled]
+        paused = [handle for handle in self._paused if not handle.cancelled]
+        pause = [handle for handle in running if handle.unread >= self.max_unread_tokens]
+        running = [handle for handle in running if handle not in pause]
+        paused += pause
+        resume = []
+        for handle in [handle for handle in paused if handle.unread < self.max_unread_tokens]:
+            after = self._slots_taken(len(running) + len(resume) + 1, len(prefilling), len(paused) - len(resume) - 1)
+            if after <= self.max_batch_size:
+                resume.append(handle)
+        slots = self._slots_taken(len(running) + len(resume), len(prefilling), len(paused) - len(resume))
+        admit = []
+        while self._waiting and slots + len(admit) < self.max_batch_size:
+            admit.append(self._waiting.popleft())
+        progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
+        prefill = plan_prefill([*prefilling, *admit], progress, self.prefill_chunk_tokens)
+        ready = [chunk for chunk in prefill if chunk.completes_prompt]
+        return Plan(drop, tuple(pause), tuple(resume), tuple(admit), prefill,
+                    decode=bool(running or resume or ready))
+
+    # The engine thread: execute and apply -----------------------------------------------------------------------
+
+    def _execute(self, plan: Plan) -> None:
+        for handle in plan.drop:
+            self._end(handle)
+            self._prefilling.pop(handle, None)
+            self._paused.pop(handle, None)
+        self._keep_rows([row for row, handle in enumerate(self._running) if handle not in plan.drop])
+        self._pause(plan.pause)
+        if plan.resume:
+            self._batch = KVCache.join([self._batch, *(self._paused.pop(handle) for handle in plan.resume)])
+            self._running += plan.resume
+            for handle in plan.resume:
+                handle.paused = False
+        now = time.perf_counter()
+        for handle in plan.admit:
+            handle.admitted = now
+            self._prefilling[handle] = None
+        if plan.prefill:
+            self._prefill(plan.prefill)
             self._flush()  # first tokens go out now, not one decode step later
-        if self._rows:
+        if self._running:
             self._decode()
-        self._pause_slow_readers()
         self.metrics.active_sequences.set(self.active_count)
 
-    def _prefill(self, handles: list[RequestHandle]) -> None:
-        """Newcomers' prompts in one forward pass (padded after their ends), each one's first token; then they
-        join the batch for the next decode step. One pass reads the weights once for all of them."""
-        now = time.perf_counter()
-        for handle in handles:
-            handle.admitted = now
-        for handle in [handle for handle in handles if handle.cancelled]:
-            self._end(handle)
-        handles = [handle for handle in handles if not handle.cancelled]
-        if not handles:
-            return
-        prompts = [handle.request.prompt_ids for handle in handles]
-        lengths = np.array([len(prompt) for prompt in prompts])
-        attention_mask = ragged_mask(lengths)  # (B, T)
-        input_ids = np.zeros(attention_mask.shape, dtype=np.int64)  # (B, T); padding ids are masked out
-        for row, prompt in enumerate(prompts):
-            input_ids[row, :len(prompt)] = prompt
+    def _prefill(self, chunks: tuple[Chunk, ...]) -> None:
+        handles = [chunk.handle for chunk in chunks]
+        prompts = [chunk.handle.request.prompt_ids[chunk.start:chunk.stop] for chunk in chunks]
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         self.metrics.prefill_batch_size.observe(len(prompts))
         try:
-            logits, present = self.engine.step(input_ids, attention_mask, None)  # (B, V): each prompt's last
-        except Exception as error:
+            logits, cache = self.engine.prefill(prompts, self._prefilling[handles[0]] if chunks[0].start else None)
+        except Exception:
             log.exception("prefill failed for requests %s", [handle.request.request_id for handle in handles])
             for handle in handles:
-                self._end(handle, EngineFailure(f"the engine failed on this request's prompt: {error}"))
+                del self._prefilling[handle]
+                self._end(handle, engine_failure(handle))
             return
-        cache = BatchCache(present, lengths)
+        if not chunks[0].completes_prompt:  # one chunk of a long prompt: no token yet
+            self._prefilling[handles[0]] = cache
+            return
+        for handle in handles:
+            del self._prefilling[handle]
         keep = self._take_tokens(handles, logits)
         if keep:
-            self._batch = BatchCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
-            self._rows += [handles[row] for row in keep]
+            self._batch = KVCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
+            self._running += [handles[row] for row in keep]
 
     def _decode(self) -> None:
         """One step of every running sequence: each feeds its last token."""
-        rows, batch = self._rows, self._batch
-        input_ids = np.array([[handle.sequence.token_ids[-1]] for handle in rows], dtype=np.int64)  # (B, 1)
+        rows = self._running
+        token_ids = np.array([handle.sequence.token_ids[-1] for handle in rows], dtype=np.int64)  # (B,)
         self.metrics.batch_size.observe(len(rows))
         try:
-            logits, present = self.engine.step(input_ids, batch.decode_mask(), batch.past)  # (B, V)
-        except Exception as error:
-            log.exception("decode step failed with %d sequences in the batch", len(rows))
-            self._fail_everything(list(rows), EngineFailure(f"the engine failed during a decode step: {error}"))
+            logits = self.engine.decode(self._batch, token_ids)  # (B, V)
+        except Exception:
+            log.exception("decode step failed for requests %s", [handle.request.request_id for handle in rows])
+            for handle in rows:  # the paused and the prefilling were not in this step: they go on
+                self._end(handle, engine_failure(handle))
+            self._running, self._batch = [], None
             return
-        batch.extend(present)
-        keep = self._take_tokens(rows, logits)
-        self._keep_rows(keep)
+        self._keep_rows(self._take_tokens(rows, logits))
 
-    def _take_tokens(self, handles: list, logits: np.ndarray) -> list[int]:
+    def _take_tokens(self, handles: list[RequestHandle], logits: np.ndarray) -> list[int]:
         """Each row's next token from its logits (B, V), sent on; returns the rows still running."""
         keep = []
         for row, handle in enumerate(handles):
             try:
                 event = handle.sequence.step(logits[row])
-            except Exception as error:
+            except Exception:
                 log.exception("sampling failed for request %s", handle.request.request_id)
-                self._end(handle, EngineFailure(f"choosing the next token failed: {error}"))
+                self._end(handle, engine_failure(handle))
                 continue
             self._emit(handle, event)
             if handle.sequence.finished:
@@ -320,41 +405,20 @@ class Scheduler:
         return keep
 
     def _keep_rows(self, rows: list[int]) -> None:
-        if len(rows) == len(self._rows):
+        if len(rows) == len(self._running):
             return
-        self._batch = self._batch.select(rows) if rows else None
-        self._rows = [self._rows[row] for row in rows]
+        self._batch = self._batch.select(rows) if rows and self._batch is not None else None
+        self._running = [self._running[row] for row in rows]
 
-    def _drop_cancelled(self) -> None:
-        for handle in [handle for handle in self._paused if handle.cancelled]:
-            del self._paused[handle]
-            self._end(handle)
-        if any(handle.cancelled for handle in self._rows):
-            keep = [row for row, handle in enumerate(self._rows) if not handle.cancelled]
-            for handle in self._rows:
-                if handle.cancelled:
-                    self._end(handle)
-            self._keep_rows(keep)
-
-    def _pause_slow_readers(self) -> None:
-        slow = [row for row, handle in enumerate(self._rows) if handle.unread >= self.max_unread_tokens]
-        if not slow:
+    def _pause(self, handles: tuple[RequestHandle, ...]) -> None:
+        if not handles:
             return
-        for row in slow:
-            handle = self._rows[row]
+        rows = [self._running.index(handle) for handle in handles]
+        for handle, row in zip(handles, rows):
             handle.paused = True
             self._paused[handle] = self._batch.select([row])
             self.metrics.paused_sequences.inc()
-        self._keep_rows([row for row in range(len(self._rows)) if row not in slow])
-
-    def _resume_readers(self) -> None:
-        ready = [handle for handle in self._paused if handle.unread < self.max_unread_tokens]
-        if not ready:
-            return
-        self._batch = BatchCache.join([self._batch, *(self._paused.pop(handle) for handle in ready)])
-        for handle in ready:
-            handle.paused = False
-            self._rows.append(handle)
+        self._keep_rows([row for row in range(len(self._running)) if row not in rows])
 
     def _emit(self, handle: RequestHandle, event: TokenEvent) -> None:
         now = time.perf_counter()
@@ -378,10 +442,11 @@ class Scheduler:
         with self._condition:
             self._outstanding -= 1
 
-    def _fail_everything(self, handles: list[RequestHandle], error: Exception) -> None:
+    def _fail(self, handles: list[RequestHandle]) -> None:
+        """After a bug: every request in the server ends with INTERNAL (none is dropped unended), state resets."""
         for handle in handles:
-            self._end(handle, error)  # a no-op for those that had already ended
-        self._rows, self._batch, self._paused = [], None, {}
+            self._end(handle, engine_failure(handle))
+        self._running, self._batch, self._prefilling, self._paused = [], None, {}, {}
 
     def _flush(self) -> None:
         """Hands this step's tokens to the event loops, one call per loop."""
@@ -395,3 +460,8 @@ class Scheduler:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: nobody is waiting for these tokens any more
                 pass
+
+
+def engine_failure(handle: RequestHandle) -> EngineFailure:
+    """What the client is told: the request id to quote in a report; the details are in the server log."""
+    return EngineFailure(f"engine failure (request {handle.request.request_id}); the details are in the server log")

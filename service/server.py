@@ -31,9 +31,9 @@ from gptserve.v1 import generation_pb2_grpc as pb_grpc
 from gptserve.service.api import (
     FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, tokens_to_proto, usage_to_proto,
 )
-from gptserve.service.errors import NotServing, Unauthenticated, status_for
+from gptserve.service.errors import NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.metrics import Metrics
-from gptserve.service.scheduler import RequestHandle, Scheduler
+from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, RequestHandle, Scheduler
 
 log = logging.getLogger("gptserve.server")
 request_log = logging.getLogger("gptserve.requests")
@@ -49,8 +49,12 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     max_batch_size: int = 8
     max_queue: int = 64
-    # A paused sequence waits for its client past this many unread tokens (see service/scheduler.py).
+    # A stream whose client has this many tokens unread (not yet written) is paused (service/scheduler.py); up to
+    # max_paused paused streams give up their slots (None: as many as max_batch_size).
     max_unread_tokens: int = 256
+    max_paused: int | None = None
+    stall_seconds: float = 30.0  # a stream whose writes make no progress this long is ended
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS  # prompt tokens per engine iteration (chunked prefill)
     default_max_new_tokens: int = 256
     max_stop_strings: int = 16
     max_message_bytes: int = 1 << 20  # of one request or response message
@@ -93,6 +97,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         self.generating = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.closing = False  # the shutdown grace is over: calls still open end UNAVAILABLE
 
     def _ready(self) -> Backend:
         if self.backend is None:
@@ -116,6 +121,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             remaining = context.time_remaining()
             past_deadline = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
+            if self.closing:  # cut by the server's stop: the client is told UNAVAILABLE, so that is what we count
+                call.code = grpc.StatusCode.UNAVAILABLE
             raise
         except Exception as error:
             call.code, call.message = status_for(error)
@@ -163,13 +170,13 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 logprobs=sequence.logprobs if request.return_logprobs else [],
             )
 
-    async def GenerateStream(self, message: pb.GenerateRequest, context):
+    async def GenerateStream(self, message: pb.GenerateRequest, context) -> None:
         async with self._rpc("GenerateStream", context) as call:
             backend = self._ready()
             call.request = request = parse_generate_request(message, backend.engine.tokenizer, backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
-            # Every token that arrived while the previous message was being written goes out in one message,
-            # so a slow reader gets fewer, larger messages rather than a growing backlog.
+            # Every token that arrived while the previous message was being written goes out in one message, so a
+            # slow reader gets fewer, larger messages; its tokens count as unread until their write completes.
             async for events, done in handle.updates():
                 response = pb.GenerateStreamResponse(
                     request_id=request.request_id, tokens=tokens_to_proto(events, request.return_logprobs))
@@ -178,7 +185,11 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                     response.finish_reason = FINISH_REASONS[sequence.finish_reason]
                     response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
                     response.timings.CopyFrom(handle.timings().to_proto())
-                yield response
+                try:
+                    await asyncio.wait_for(context.write(response), self.config.stall_seconds)
+                except TimeoutError:
+                    raise StalledReader(f"the client read nothing for {self.config.stall_seconds:g} s "
+                                        "(--stall-seconds); the stream was ended") from None
 
     async def Tokenize(self, message: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         async with self._rpc("Tokenize", context):
@@ -304,7 +315,8 @@ class GenerationServer:
     async def _load(self) -> None:
         config = self.config
         engine = await asyncio.to_thread(self.load_engine)  # seconds of file hashing and the canary
-        scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens)
+        scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens,
+                              config.max_paused, config.prefill_chunk_tokens)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
                         config.max_stop_strings)
@@ -331,6 +343,7 @@ class GenerationServer:
         await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
         for wait in waits:
             wait.cancel()
+        self.servicer.closing = True
         await self.server.stop(0)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()

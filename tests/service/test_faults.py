@@ -1,11 +1,21 @@
 """No request can crash the engine loop: when the engine raises, the requests in that step fail with INTERNAL
-and the server goes on serving the next ones."""
+("engine failure" and the request id; the details go to the log) and the server goes on serving the next ones,
+paused requests included."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 import grpc
 import pytest
 
+from gptserve.model.generation import StoppingParams
+from gptserve.model.sampling import SamplingParams
+from gptserve.service.api import GenerationRequest
+from gptserve.service.errors import EngineFailure
+from gptserve.service.metrics import Metrics
+from gptserve.service.scheduler import Scheduler
 from tests.service.support import running_server
 
 
@@ -19,10 +29,17 @@ class FaultyEngine:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def step(self, input_ids, attention_mask, past):
-        if (self.fail_prefill and past is None) or (self.fail_decode and past is not None):
-            raise RuntimeError("injected failure")
-        return self.engine.step(input_ids, attention_mask, past)
+    def _check(self, decoding: bool) -> None:
+        if (self.fail_decode if decoding else self.fail_prefill):
+            raise RuntimeError("injected failure in node /blocks.0/attn/GroupQueryAttention")
+
+    def prefill(self, prompts, cache=None):
+        self._check(decoding=False)
+        return self.engine.prefill(prompts, cache)
+
+    def decode(self, cache, token_ids):
+        self._check(decoding=True)
+        return self.engine.decode(cache, token_ids)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +50,54 @@ def served(tiny_engine):
 
 
 @pytest.mark.parametrize("where", ["fail_prefill", "fail_decode"])
-def test_engine_failure_fails_only_that_step_and_serving_goes_on(served, where):
+def test_engine_failure_fails_only_that_step_and_serving_goes_on(served, where, caplog):
     faulty, server, client = served
     setattr(faulty, where, True)
     try:
-        with pytest.raises(grpc.RpcError) as caught:
-            list(client.stream("Hello there", max_new_tokens=6, ignore_eos=True))
-        assert caught.value.code() == grpc.StatusCode.INTERNAL and "injected failure" in caught.value.details()
+        with caplog.at_level(logging.ERROR, logger="gptserve.scheduler"), pytest.raises(grpc.RpcError) as caught:
+            list(client.stream("Hello there", max_new_tokens=6, ignore_eos=True, request_id=f"req-{where}"))
+        details = caught.value.details()
+        assert caught.value.code() == grpc.StatusCode.INTERNAL
+        # The client learns which request failed, not the runtime's internals; the log has those.
+        assert details.startswith("engine failure") and f"req-{where}" in details
+        assert "GroupQueryAttention" not in details and "injected" not in details
+        assert "injected failure" in caplog.text
     finally:
         setattr(faulty, where, False)
     assert client.model_info().active_sequences == 0
     response = client.generate("Hello there", max_new_tokens=6, ignore_eos=True)
     assert response.usage.completion_tokens == 6 and client.health() == "SERVING"
+
+
+def test_a_decode_failure_while_a_reader_is_paused_ends_every_request(tiny_engine):
+    """The paused request was not in the failed step: it must neither be dropped unended (its stream would hang
+    and its slot never return) nor fail; it resumes once read and finishes."""
+    faulty = FaultyEngine(tiny_engine)
+    ids = tuple(tiny_engine.tokenizer.encode("Hello there"))
+    request = lambda name: GenerationRequest(name, ids, SamplingParams(), StoppingParams(8, (), True))
+
+    async def read_all(handle) -> list[int]:
+        return [event.id async for events, _ in handle.updates() for event in events]
+
+    async def scenario():
+        scheduler = Scheduler(faulty, Metrics(), max_batch_size=4, max_unread_tokens=2)
+        scheduler.start()
+        try:
+            slow = scheduler.submit(request("slow"))
+            for _ in range(500):
+                if slow.paused:
+                    break
+                await asyncio.sleep(0.01)
+            assert slow.paused
+            faulty.fail_decode = True
+            with pytest.raises(EngineFailure):
+                await asyncio.wait_for(read_all(scheduler.submit(request("steady"))), 10)
+            faulty.fail_decode = False
+            slow_ids = await asyncio.wait_for(read_all(slow), 10)
+            await asyncio.sleep(0.05)
+            return slow_ids, scheduler.active_count
+        finally:
+            scheduler.stop()
+
+    slow_ids, active = asyncio.run(scenario())
+    assert len(slow_ids) == 8 and active == 0

@@ -1,0 +1,74 @@
+"""The KV cache of a batch of sequences, owned by the engine that filled it: ragged rows that join, leave, pause
+and resume. The scheduler holds it as an opaque value and calls its verbs; only the engine reads its buffers.
+
+Row b's cache is the first lengths[b] positions of its buffers; each decode step appends its token right after
+them (the graph's layout, export/fused.py). A row's positions never move, so joining and leaving only stack and
+pick rows: no shifting, no padding in front.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gptserve.export.contract import ragged_mask
+
+
+def on_host(tensor) -> np.ndarray:
+    """KV tensors are numpy on CPU, or device OrtValues on CUDA: regrouping a batch works on host copies."""
+    return tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+
+
+class KVCache:
+    """buffers: the engine's, flat per layer [key, value, ...], each (B, KV, capacity, D), capacity >= the longest
+    row (positions past a row's length are padding or room the engine fills in place). After a step the engine
+    replaces them; the buffers a cache held before are spent. lengths: (B,) tokens cached per row."""
+
+    def __init__(self, buffers: list, lengths) -> None:
+        self.buffers, self.lengths = buffers, np.asarray(lengths, dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the rows' cached positions take (what a paused stream holds while it waits; host buffers)."""
+        per_position = sum(tensor.shape[1] * tensor.shape[3] * tensor.itemsize for tensor in self.buffers)
+        return int(self.lengths.sum()) * per_position
+
+    def attention_mask(self, new_tokens: int = 1) -> np.ndarray:
+        """The mask of a step that appends `new_tokens` to every row: (B, longest + new_tokens)."""
+        return ragged_mask(self.lengths + new_tokens)
+
+    def advance(self, buffers: list, new_tokens: int = 1) -> None:
+        """After a step: every row gained `new_tokens` positions, now in `buffers`."""
+        self.buffers, self.lengths = buffers, self.lengths + new_tokens
+
+    @staticmethod
+    def join(caches: list[KVCache | None]) -> KVCache:
+        """Stacks batches (their buffers cut or zero-extended to the longest row)."""
+        caches = [cache for cache in caches if cache is not None and cache.size]
+        if len(caches) == 1:
+            return caches[0]
+        width = max(int(cache.lengths.max()) for cache in caches)
+        buffers = [np.concatenate([_width(on_host(tensor), width) for tensor in tensors], axis=0)
+                   for tensors in zip(*(cache.buffers for cache in caches))]
+        return KVCache(buffers, np.concatenate([cache.lengths for cache in caches]))
+
+    def select(self, rows: list[int]) -> KVCache:
+        """These rows only, as a batch of their own (copied, cut to their longest row)."""
+        lengths = self.lengths[rows]
+        return KVCache([on_host(tensor)[rows, :, :int(lengths.max())] for tensor in self.buffers], lengths)
+
+    def truncate(self, length: int) -> KVCache:
+        """Every row cut to at most its first `length` positions (a shared prefix, or a rejected draft undone); it
+        shares those positions with this cache, which never rewrites them."""
+        lengths = np.minimum(self.lengths, length)
+        return KVCache([on_host(tensor)[:, :, :length] for tensor in self.buffers], lengths)
+
+
+def _width(tensor: np.ndarray, width: int) -> np.ndarray:
+    """(B, KV, width, D): the first `width` positions, zeros where the buffer is shorter."""
+    if tensor.shape[2] >= width:
+        return tensor[:, :, :width]
+    return np.pad(tensor, ((0, 0), (0, 0), (0, width - tensor.shape[2]), (0, 0)))
