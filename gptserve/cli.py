@@ -100,7 +100,9 @@ def run_serve(args: argparse.Namespace) -> int:
     folder = ensure_artifact(args.artifacts, args.model, args.precision or default_precision(args.provider))
     config = ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        max_unread_tokens=args.max_unread_tokens, default_max_new_tokens=args.default_max_new_tokens,
+        max_unread_tokens=args.max_unread_tokens, max_paused=args.max_paused, stall_seconds=args.stall_seconds,
+        prefill_chunk_tokens=args.prefill_chunk_tokens, prefill_step_seconds=args.prefill_step_seconds,
+        default_max_new_tokens=args.default_max_new_tokens,
         max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
@@ -158,6 +160,14 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
     serve.add_argument("--max-unread-tokens", type=int, default=256,
                        help="a stream whose client has this many tokens unread is paused until it reads")
+    serve.add_argument("--max-paused", type=int, default=None,
+                       help="paused streams that give up their slots (default: --max-batch-size)")
+    serve.add_argument("--stall-seconds", type=float, default=30.0,
+                       help="a stream whose client reads nothing this long is ended (RESOURCE_EXHAUSTED)")
+    serve.add_argument("--prefill-chunk-tokens", type=int, default=512,
+                       help="prompt tokens read per engine step at most (long prompts are read in chunks)")
+    serve.add_argument("--prefill-step-seconds", type=float, default=0.25,
+                       help="what a prompt chunk aims to take: the pause running streams see while a prompt is read")
     serve.add_argument("--default-max-new-tokens", type=int, default=256, help="when a request does not say")
     serve.add_argument("--max-stop-strings", type=int, default=16)
     serve.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request or response message")

@@ -129,7 +129,7 @@ class Engine:
         """CPU, several new tokens (a prompt, or a chunk of one over its past): logits of the last positions only
         (logits_to_keep), as many as reach back to the shortest row's last token: one each when no row is padded.
         A plain run (IO binding cannot bind an input that has a default), so the present is a new buffer."""
-        keep = int(input_ids.shape[1] - attention_mask.sum(-1).min() + 1)
+        keep = int(attention_mask.shape[1] - attention_mask.sum(-1).min() + 1)
         if past is None:
             past = self.empty_past(input_ids.shape[0])
         else:  # a buffer with room: only its cached positions are the past

@@ -5,10 +5,12 @@ resumed or admitted, which prompt tokens are prefilled, whether to decode), exec
 (sample each row's token, send it on, end what finished). Rows are ragged (service/kv_cache.py): each attends to
 its own tokens only, so a sequence's tokens are the same alone or in any batch.
 
-Chunked prefill: one iteration prefills at most `prefill_chunk_tokens` prompt tokens, either several short prompts
-together or one chunk of a long prompt (its cache grows chunk by chunk), and then runs one decode step of the
-running sequences. So a long prompt delays each running stream's next token by one chunk at most, and a request
-cancelled mid-prompt (its client gone, its deadline passed) stops within a chunk.
+Chunked prefill: one iteration prefills either several short prompts together or one chunk of a long prompt (its
+cache grows chunk by chunk), then runs one decode step of the running sequences. A chunk is as many tokens as
+the last prefill's rate says fit in `prefill_step_seconds` (at most `prefill_chunk_tokens`): a prompt token costs
+more the longer its past, so chunks shrink as a long prompt is read. So a long prompt delays each running
+stream's next token by about that long, and a request cancelled mid-prompt (its client gone, its deadline passed)
+stops within a chunk.
 
 Slow readers: a token counts as unread until its message's write has completed. A stream with
 `max_unread_tokens` unread is paused: its KV rows leave the batch and wait aside, and it gives up its slot (up to
@@ -43,9 +45,11 @@ from gptserve.service.metrics import Metrics
 
 log = logging.getLogger("gptserve.scheduler")
 
-# Prompt tokens one iteration prefills: the longest a running stream waits for its next token while a long
-# prompt is read, and the padded size of a batch of short prompts (measured in README.md's limits section).
-PREFILL_CHUNK_TOKENS = 256
+# Prompt tokens one iteration prefills at most (the padded size of a batch of short prompts), and the time a
+# chunk aims at: what a running stream waits for its next token while a long prompt is read (README: limits).
+PREFILL_CHUNK_TOKENS = 512
+PREFILL_STEP_SECONDS = 0.25
+MIN_CHUNK_TOKENS = 16
 
 
 class BatchEngine(Protocol):
@@ -187,14 +191,18 @@ def plan_prefill(waiting: list[RequestHandle], progress: dict[RequestHandle, int
 class Scheduler:
     def __init__(self, engine: BatchEngine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
                  max_unread_tokens: int = 256, max_paused: int | None = None,
-                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> None:
+                 prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+                 prefill_step_seconds: float = PREFILL_STEP_SECONDS) -> None:
         max_paused = max_batch_size if max_paused is None else max_paused
-        if min(max_batch_size, max_unread_tokens, prefill_chunk_tokens) < 1 or min(max_queue, max_paused) < 0:
+        if min(max_batch_size, max_unread_tokens, prefill_chunk_tokens) < 1 or min(max_queue, max_paused) < 0 \
+                or not prefill_step_seconds > 0:
             raise ValueError("max_batch_size, max_unread_tokens and prefill_chunk_tokens must be at least 1, "
-                             "max_queue and max_paused at least 0")
+                             "max_queue and max_paused at least 0, prefill_step_seconds above 0")
         self.engine, self.metrics = engine, metrics
         self.max_batch_size, self.max_queue, self.max_unread_tokens = max_batch_size, max_queue, max_unread_tokens
         self.max_paused, self.prefill_chunk_tokens = max_paused, prefill_chunk_tokens
+        self.prefill_step_seconds = prefill_step_seconds
+        self._seconds_per_prompt_token = 0.0  # of the last prefill: sizes the next chunk
         self._condition = threading.Condition()
         # Under the condition's lock: the queue, and how many requests are in the server (queued or admitted).
         self._waiting: deque[RequestHandle] = deque()
@@ -319,10 +327,16 @@ class Scheduler:
         while self._waiting and slots + len(admit) < self.max_batch_size:
             admit.append(self._waiting.popleft())
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
-        prefill = plan_prefill([*prefilling, *admit], progress, self.prefill_chunk_tokens)
+        prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())
         ready = [chunk for chunk in prefill if chunk.completes_prompt]
         return Plan(drop, tuple(pause), tuple(resume), tuple(admit), prefill,
                     decode=bool(running or resume or ready))
+
+    def _chunk_budget(self) -> int:
+        if not self._seconds_per_prompt_token:
+            return self.prefill_chunk_tokens
+        fits = int(self.prefill_step_seconds / self._seconds_per_prompt_token)
+        return max(MIN_CHUNK_TOKENS, min(self.prefill_chunk_tokens, fits))
 
     # The engine thread: execute and apply -----------------------------------------------------------------------
 
@@ -354,8 +368,10 @@ class Scheduler:
         prompts = [chunk.handle.request.prompt_ids[chunk.start:chunk.stop] for chunk in chunks]
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         self.metrics.prefill_batch_size.observe(len(prompts))
+        started = time.perf_counter()
         try:
             logits, cache = self.engine.prefill(prompts, self._prefilling[handles[0]] if chunks[0].start else None)
+            self._seconds_per_prompt_token = (time.perf_counter() - started) / sum(map(len, prompts))
         except Exception:
             log.exception("prefill failed for requests %s", [handle.request.request_id for handle in handles])
             for handle in handles:

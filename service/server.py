@@ -33,7 +33,7 @@ from gptserve.service.api import (
 )
 from gptserve.service.errors import NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.metrics import Metrics
-from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, RequestHandle, Scheduler
+from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, RequestHandle, Scheduler
 
 log = logging.getLogger("gptserve.server")
 request_log = logging.getLogger("gptserve.requests")
@@ -54,7 +54,8 @@ class ServerConfig:
     max_unread_tokens: int = 256
     max_paused: int | None = None
     stall_seconds: float = 30.0  # a stream whose writes make no progress this long is ended
-    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS  # prompt tokens per engine iteration (chunked prefill)
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS  # prompt tokens per engine iteration at most (chunked prefill)
+    prefill_step_seconds: float = PREFILL_STEP_SECONDS  # what a prompt chunk aims to take
     default_max_new_tokens: int = 256
     max_stop_strings: int = 16
     max_message_bytes: int = 1 << 20  # of one request or response message
@@ -126,7 +127,11 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             raise
         except Exception as error:
             call.code, call.message = status_for(error)
-            await context.abort(call.code, call.message)
+            if method == "GenerateStream":  # an abort would wait behind a write its client never takes
+                context.set_code(call.code)
+                context.set_details(call.message)
+            else:
+                await context.abort(call.code, call.message)
         finally:
             if call.handle is not None:
                 call.handle.cancel()  # frees the slot at the next step if the request is still running
@@ -316,7 +321,7 @@ class GenerationServer:
         config = self.config
         engine = await asyncio.to_thread(self.load_engine)  # seconds of file hashing and the canary
         scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens,
-                              config.max_paused, config.prefill_chunk_tokens)
+                              config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
                         config.max_stop_strings)

@@ -86,7 +86,8 @@ def test_sixteen_concurrent_streams_equal_their_solo_runs(served, default_engine
     assert metrics.value("gptserve_batch_size_count") - single > 0
     assert metrics.value("gptserve_batch_size_sum") / metrics.value("gptserve_batch_size_count") > 4
     # Newcomers arriving together were prefilled together (ragged rows), and that changed no result either.
-    assert metrics.value("gptserve_prefill_batch_size_sum") == len(PROMPTS)
+    # (a prompt read in two chunks counts in two passes)
+    assert metrics.value("gptserve_prefill_batch_size_sum") >= len(PROMPTS)
     assert metrics.value("gptserve_prefill_batch_size_count") < len(PROMPTS)
 
 
