@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -76,7 +77,7 @@ def long_prompt(target: str, prompt_tokens: int) -> tuple[float, float, float]:
     return max(during), statistics.median(before), first_token - sent
 
 
-def slow_readers(target: str, server: subprocess.Popen) -> dict[str, float]:
+def slow_readers(target: str, server: subprocess.Popen, metrics: str) -> dict[str, float]:
     client = GenerationClient(target, timeout=300)
     request = {"prompt": "The capital of France is", "max_new_tokens": 32, "ignore_eos": True}
     started = time.perf_counter()
@@ -88,9 +89,12 @@ def slow_readers(target: str, server: subprocess.Popen) -> dict[str, float]:
                for index, item in enumerate(stalled)]
     for stream in streams:
         next(stream)
-    while client.model_info().active_sequences < 8:
+    paused = lambda: float(next((line.split()[-1] for line in urllib.request.urlopen(metrics).read().decode()
+                                 .splitlines() if line.startswith("gptserve_paused_sequences_total")), 0))
+    started = time.perf_counter()
+    while paused() < 8:  # their writes back up; once max_unread_tokens more are made, they pause
         time.sleep(0.05)
-    time.sleep(3)  # their writes back up; they pause
+    pausing = time.perf_counter() - started
     started = time.perf_counter()
     client.generate(**request)
     ninth = time.perf_counter() - started
@@ -99,7 +103,8 @@ def slow_readers(target: str, server: subprocess.Popen) -> dict[str, float]:
         stream.cancel()
         item.close()
     client.close()
-    return {"idle_s": idle, "ninth_s": ninth, "rss_before_mb": rss_before, "rss_paused_mb": rss_paused}
+    return {"idle_s": idle, "ninth_s": ninth, "pausing_s": pausing, "rss_before_mb": rss_before,
+            "rss_paused_mb": rss_paused}
 
 
 def main() -> int:
@@ -126,15 +131,16 @@ def main() -> int:
         longest, typical, ttft = (statistics.median(values) for values in zip(*rounds))
         print(f"  {name:<20} longest gap {longest:.3f} s (every round: {', '.join(f'{r[0]:.3f}' for r in rounds)}); "
               f"usual gap {typical * 1000:.0f} ms; the prompt's first token after {ttft:.1f} s")
-    server = start_server(args.artifacts, args.port, "--max-batch-size", "8", "--stall-seconds", "600")
+    server = start_server(args.artifacts, args.port, "--max-batch-size", "8", "--stall-seconds", "600",
+                          "--metrics-port", str(args.port + 1))
     try:
-        figures = slow_readers(target, server)
+        figures = slow_readers(target, server, f"http://127.0.0.1:{args.port + 1}/metrics")
     finally:
         server.terminate()
         server.wait(60)
-    print(f"slow readers: 8 streams never read; a 9th request of 32 tokens took {figures['ninth_s']:.2f} s "
-          f"(idle server: {figures['idle_s']:.2f} s); server RSS {figures['rss_before_mb']:.0f} MB before, "
-          f"{figures['rss_paused_mb']:.0f} MB with the 8 paused")
+    print(f"slow readers: 8 streams stop reading (1 KiB HTTP/2 windows), all paused {figures['pausing_s']:.1f} s later; "
+          f"then a 9th request of 32 tokens took {figures['ninth_s']:.2f} s (idle server: {figures['idle_s']:.2f} s); "
+          f"server RSS {figures['rss_before_mb']:.0f} MB before, {figures['rss_paused_mb']:.0f} MB with the 8 paused")
     return 0
 
 

@@ -158,7 +158,7 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences stepped together")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
-    serve.add_argument("--max-unread-tokens", type=int, default=256,
+    serve.add_argument("--max-unread-tokens", type=int, default=32,
                        help="a stream whose client has this many tokens unread is paused until it reads")
     serve.add_argument("--max-paused", type=int, default=None,
                        help="paused streams that give up their slots (default: --max-batch-size)")

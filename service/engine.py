@@ -9,8 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gptserve.export.artifact import ArtifactError, read_manifest, verify_files
-from gptserve.export.contract import empty_past, feed, past_names, present_names
-from gptserve.export.contract import ragged_mask
+from gptserve.export.contract import empty_past, feed, past_names, present_names, ragged_mask
 from gptserve.export.runtime import create_session
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.service.kv_cache import KVCache
@@ -115,8 +114,8 @@ class Engine:
         logits are the batch's logits buffer, which its next step overwrites: take the tokens first."""
         if self.on_device:
             logits, present = self._step_on_device(input_ids, attention_mask, past)
-        elif past is None or input_ids.shape[1] > 1:
-            logits, present = self._prefill(input_ids, attention_mask, past)
+        elif past is None:
+            logits, present = self._prefill(input_ids, attention_mask)
         else:
             logits, present = self._step_in_place(input_ids, attention_mask, past)
         if logits.shape[1] == 1:
@@ -125,22 +124,19 @@ class Engine:
         last = attention_mask.sum(-1) - 1 - (attention_mask.shape[1] - logits.shape[1])
         return logits[np.arange(len(logits)), last], present
 
-    def _prefill(self, input_ids, attention_mask, past):
-        """CPU, several new tokens (a prompt, or a chunk of one over its past): logits of the last positions only
-        (logits_to_keep), as many as reach back to the shortest row's last token: one each when no row is padded.
-        A plain run (IO binding cannot bind an input that has a default), so the present is a new buffer."""
-        keep = int(attention_mask.shape[1] - attention_mask.sum(-1).min() + 1)
-        if past is None:
-            past = self.empty_past(input_ids.shape[0])
-        else:  # a buffer with room: only its cached positions are the past
-            past = [tensor[:, :, :attention_mask.shape[1] - input_ids.shape[1]] for tensor in past]
-        inputs = feed(self.graph, input_ids, attention_mask, past, logits_to_keep=keep)
+    def _prefill(self, input_ids, attention_mask):
+        """CPU: logits of the last positions only (logits_to_keep), as many as reach back to the shortest prompt's
+        last token: one each when no prompt is padded. A plain run: IO binding cannot bind an input that has a
+        default."""
+        keep = int(input_ids.shape[1] - attention_mask.sum(-1).min() + 1)
+        inputs = feed(self.graph, input_ids, attention_mask, self.empty_past(input_ids.shape[0]), logits_to_keep=keep)
         logits, *present = self.session.run(None, inputs)
         return logits, present
 
     def _step_in_place(self, input_ids, attention_mask, past):
         """CPU: each layer's past and present are bound to one buffer, so GroupQueryAttention appends the new
-        keys and values where they belong instead of copying the whole cache into a new present every step."""
+        keys and values where they belong instead of copying the whole cache into a new present every step. A
+        prompt chunk over a past comes here too: its T positions' logits cost less than copying a long cache."""
         buffers = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
         if not (isinstance(past, BoundBuffers) and all(new is old for new, old in zip(buffers, past))):
             past = BoundBuffers(buffers)

@@ -190,7 +190,7 @@ def plan_prefill(waiting: list[RequestHandle], progress: dict[RequestHandle, int
 
 class Scheduler:
     def __init__(self, engine: BatchEngine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
-                 max_unread_tokens: int = 256, max_paused: int | None = None,
+                 max_unread_tokens: int = 32, max_paused: int | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
                  prefill_step_seconds: float = PREFILL_STEP_SECONDS) -> None:
         max_paused = max_batch_size if max_paused is None else max_paused

@@ -51,7 +51,7 @@ class ServerConfig:
     max_queue: int = 64
     # A stream whose client has this many tokens unread (not yet written) is paused (service/scheduler.py); up to
     # max_paused paused streams give up their slots (None: as many as max_batch_size).
-    max_unread_tokens: int = 256
+    max_unread_tokens: int = 32
     max_paused: int | None = None
     stall_seconds: float = 30.0  # a stream whose writes make no progress this long is ended
     prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS  # prompt tokens per engine iteration at most (chunked prefill)
@@ -117,15 +117,12 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             yield call
             call.code = grpc.StatusCode.OK
         except (asyncio.CancelledError, GeneratorExit):
-            # The client's own timer usually fires first and cancels the call moments before the server's copy
-            # of the deadline runs out, so a cancel that close to the deadline is the deadline.
-            remaining = context.time_remaining()
-            past_deadline = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
-            call.code = grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
-            if self.closing:  # cut by the server's stop: the client is told UNAVAILABLE, so that is what we count
-                call.code = grpc.StatusCode.UNAVAILABLE
+            call.code = self._why_gone(context)
             raise
         except Exception as error:
+            if context.cancelled():  # a write that was pending when the client left fails: nothing to report
+                call.code = self._why_gone(context)
+                return
             call.code, call.message = status_for(error)
             if method == "GenerateStream":  # an abort would wait behind a write its client never takes
                 context.set_code(call.code)
@@ -141,6 +138,16 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 self.generating -= 1
                 if not self.generating:
                     self.idle.set()
+
+    def _why_gone(self, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        """The status of a call that ended without a reply of ours: what its client was told."""
+        if self.closing:  # cut at the end of the shutdown grace: its client gets UNAVAILABLE
+            return grpc.StatusCode.UNAVAILABLE
+        # The client's own timer usually fires first and cancels the call moments before the server's copy of
+        # the deadline runs out, so a cancel that close to the deadline is the deadline.
+        remaining = context.time_remaining()
+        past_deadline = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+        return grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
 
     def _log_request(self, call: _Call) -> None:
         fields = {"method": call.method, "code": call.code.name, "peer": call.peer}
