@@ -4,7 +4,6 @@ exporter, the certification, the engine and the tests all read it from here (and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -103,30 +102,6 @@ def graph_contract(n_layer: int, n_kv_heads: int, head_dim: int, vocab_size: int
         head_dim=head_dim,
         vocab_size=vocab_size,
     )
-
-
-def position_limit(graph_path: str | Path) -> int:
-    """How many positions the graph itself can embed: the rows of GroupQueryAttention's rotary cos cache, or of
-    the learned position table (the Gather of an initializer by anything but the token ids; export/fused.py).
-    A longer sequence fails inside ONNX Runtime, so this, not the manifest's word, bounds the context."""
-    import onnx
-
-    graph = onnx.load(str(graph_path), load_external_data=False).graph
-    initializers = {tensor.name: tensor for tensor in graph.initializer}
-    producers = {output: node for node in graph.node for output in node.output}
-
-    def table(name: str) -> onnx.TensorProto | None:
-        while name not in initializers and name in producers and producers[name].op_type == "Cast":
-            name = producers[name].input[0]  # a reduced precision may cast the table first
-        return initializers.get(name)
-
-    rotary = [table(node.input[7]) for node in graph.node
-              if node.op_type == "GroupQueryAttention" and len(node.input) > 7 and node.input[7]]
-    learned = [table(node.input[0]) for node in graph.node if node.op_type == "Gather" and node.input[1] != "input_ids"]
-    for found in (*rotary, *learned):
-        if found is not None and len(found.dims) == 2:
-            return int(found.dims[0])
-    raise ValueError(f"{graph_path}: no rotary cache or position table found in the graph")
 
 
 def ragged_mask(lengths: np.ndarray) -> np.ndarray:

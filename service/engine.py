@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from gptserve.export.artifact import ArtifactError, read_manifest, verify_files
-from gptserve.export.contract import LOGITS, empty_past, feed, position_limit
+from gptserve.export.contract import LOGITS, empty_past, feed
+from gptserve.export.graph_file import position_limit
 from gptserve.export.manifest import Manifest
 from gptserve.export.runtime import create_session
 from gptserve.model.greedy import greedy_tokens
@@ -191,9 +192,10 @@ def _check_contract(folder: Path, manifest: Manifest, session) -> None:
     optional = {node.name for node in session.get_overridable_initializers()}  # inputs with a default
     wanted = {"input_ids", "attention_mask", *graph.past_names, LOGITS, *graph.present_names}
     listed = {spec.name for spec in (*graph.inputs, *graph.outputs)}
-    if set(nodes) != wanted or listed != wanted or optional != {spec.name for spec in graph.optional_inputs}:
-        raise fail(f"its inputs/outputs are {sorted(nodes)} (defaults {sorted(optional)}), the manifest lists "
-                   f"{sorted(listed)} for {graph.n_layer} layers")
+    odd = sorted((set(nodes) ^ wanted) | (listed ^ wanted) | (optional ^ {spec.name for spec in graph.optional_inputs}))
+    if odd:
+        raise fail(f"inputs/outputs {', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''} are not in both the graph "
+                   f"and the manifest (of {graph.n_layer} layers)")
     for spec in (*graph.inputs, *graph.outputs):
         node = nodes[spec.name]
         fixed = [(actual, wanted) for actual, wanted in zip(node.shape, spec.shape) if isinstance(wanted, int)]
@@ -205,10 +207,10 @@ def _check_contract(folder: Path, manifest: Manifest, session) -> None:
     if vocabulary != graph.vocab_size:
         raise fail(f"the graph's logits cover {vocabulary} tokens, the manifest's vocabulary is {graph.vocab_size}")
     for name in graph.past_names:
-        _, heads, _, head_size = nodes[name].shape
-        if (heads, head_size) != (graph.n_kv_heads, graph.head_dim):
-            raise fail(f"{name} holds {heads} KV heads of {head_size} in the graph, the manifest says "
-                       f"{graph.n_kv_heads} of {graph.head_dim}")
+        shape = nodes[name].shape  # (B, KV, P, D)
+        if len(shape) != 4 or (shape[1], shape[3]) != (graph.n_kv_heads, graph.head_dim):
+            raise fail(f"{name} has shape {shape} in the graph, not {graph.n_kv_heads} KV heads of "
+                       f"{graph.head_dim}, as the manifest says")
     try:
         positions = position_limit(folder / graph.file)
     except ValueError as error:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gptserve.export.artifact import ArtifactError, read_manifest
-from gptserve.export.contract import past_names, position_limit, present_names
+from gptserve.export.contract import past_names, present_names
+from gptserve.export.graph_file import position_limit
 from gptserve.model.eager import EagerStep
 from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.model.spec import load_pretrained
