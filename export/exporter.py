@@ -68,16 +68,15 @@ def source_is_quantized(source: Path) -> bool:
     return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)
 
 
-def export_step(model: GPT, graph_path: Path, precision: str, source: Path) -> dict | None:
-    """The ONNX graph at `precision` in graph_path; the manifest's notes on what was quantized (None at fp32)."""
+def convert_step(fp32_path: Path, graph_path: Path, precision: str, source: Path) -> dict | None:
+    """The exported fp32 graph at `precision` in graph_path (the fp32 folder is then removed); the manifest's
+    notes on what was quantized (None at fp32, exported in place)."""
     if precision == "fp32":
-        export_graph(model, graph_path)
         return None
-    with tempfile.TemporaryDirectory(dir=graph_path.parent.parent) as scratch:
-        fp32_path = Path(scratch) / GRAPH_FILE
-        export_graph(model, fp32_path)
-        progress(f"converting to {precision}")
-        return convert(fp32_path, graph_path, precision, source_is_quantized(source))
+    progress(f"converting to {precision}")
+    notes = convert(fp32_path, graph_path, precision, source_is_quantized(source))
+    shutil.rmtree(fp32_path.parent)
+    return notes
 
 
 def check_structure(path: Path, graph: GraphContract) -> ParityReport:
@@ -132,8 +131,8 @@ def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, prec
 
 def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None,
                    precision: str = "fp32", criteria: dict | None = None) -> Manifest:
-    """Export, convert, certify, write: the artifact goes into `out` (replacing what is there) only once it is
-    certified."""
+    """Export, convert, certify, write (each a function above): the artifact goes into `out`, replacing what is
+    there, only once it is certified."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if context_length:
@@ -150,8 +149,11 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
         started = time.perf_counter()
         progress(f"exporting {pretrained.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
                  f"to ONNX opset {OPSET}")
-        quantization = export_step(model, staging / graph.file, precision, pretrained.source)
+        fp32_path = staging / graph.file if precision == "fp32" else Path(scratch) / "fp32" / graph.file
+        fp32_path.parent.mkdir(exist_ok=True)
+        export_graph(model, fp32_path)
         progress(f"exported in {time.perf_counter() - started:.0f} s")
+        quantization = convert_step(fp32_path, staging / graph.file, precision, pretrained.source)
         report, canary = certify_step(model, pretrained, staging / graph.file, graph, precision, tolerance, criteria)
         progress(format_report(report))
         if not report.passed:
