@@ -92,7 +92,7 @@ def exporter_fingerprint() -> str:
     """A hash of the code an export runs (the export and model packages), so that an artifact cached by older
     code is never measured as today's."""
     digest = hashlib.sha256()
-    for package in ("export", "model"):
+    for package in ("gptserve.export", "gptserve.model"):
         folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
         for path in sorted(folder.rglob("*.py")):
             digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())

@@ -1,7 +1,7 @@
 """Where our ONNX decode step spends its time: ONNX Runtime's profiler over the engine's greedy decode steps,
 summed per op type.
 
-  python -m bench.profile [--artifacts DIR] [--batch-size 1] [--context 60]
+  python -m gptserve.bench.profile [--artifacts DIR] [--batch-size 1] [--context 60]
 
 The session has the engine's settings (those of export.runtime.create_session) plus the profiler; only the decode
 steps whose context lies within --window of --context are counted, so the prefill and warm-up are left out.
@@ -22,6 +22,7 @@ import onnxruntime as ort
 from gptserve.bench.prepare import our_artifact
 from gptserve.bench.workload import default_workload
 from gptserve.export.artifact import read_manifest
+from gptserve.model.greedy import greedy_tokens
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.service.engine import Engine
 
@@ -40,19 +41,13 @@ def profiling_session(graph_path: Path, threads: int | None, prefix: str) -> ort
 
 def profile_decode(folder: Path, batch_size: int, context: int, window: int, threads: int | None) -> dict:
     manifest = read_manifest(folder)
-    graph = manifest["graph"]
     prompt = default_workload(0).decode_ids
     assert len(prompt) < context - window, f"the {len(prompt)}-token prompt is longer than the profiled contexts"
+    contexts = list(range(len(prompt), context + window))  # P+T of each run: the prefill, then one per token
     with tempfile.TemporaryDirectory() as scratch:
-        session = profiling_session(folder / graph["file"], threads, os.path.join(scratch, "decode"))
+        session = profiling_session(folder / manifest.graph.file, threads, os.path.join(scratch, "decode"))
         engine = Engine(folder, manifest, session, Tokenizer.from_folder(folder))  # its steps, on this session
-        input_ids = np.tile(np.array(prompt, dtype=np.int64), (batch_size, 1))  # (B, T)
-        attention_mask, past, contexts = np.ones_like(input_ids), None, []
-        while attention_mask.shape[1] < context + window:
-            contexts.append(attention_mask.shape[1])  # P+T of this run
-            logits, past = engine.step(input_ids, attention_mask, past)
-            input_ids = logits.argmax(-1)[:, None]  # (B, 1)
-            attention_mask = np.ones((batch_size, attention_mask.shape[1] + 1), dtype=np.int64)
+        greedy_tokens(engine.step, np.tile(np.array(prompt, dtype=np.int64), (batch_size, 1)), len(contexts))
         events = json.loads(Path(session.end_profiling()).read_text())
 
     runs = sorted((event for event in events if event.get("name") == "model_run"), key=lambda event: event["ts"])

@@ -9,9 +9,9 @@ with Hugging Face transformers and onnxruntime-genai, in one run.
   genai-int4     the same, int4 (its builder's own quantization)
   llama.cpp      llama.cpp on the Q4_1 GGUF itself (llama-cpp-python, compiled into the cache on first use)
 
-Every figure comes from a fresh process (`python -m bench.runners`), one per system, batch size and repetition,
-so a system's peak memory is its own; each repetition runs the systems in the opposite order to the last, so
-slow drift of the machine spreads over all of them. All systems use every core and the same token ids.
+Every figure comes from a fresh process (`python -m gptserve.bench.runners`), one per system, batch size and
+repetition, so a system's peak memory is its own; each repetition runs the systems in the opposite order to the
+last, so slow drift of the machine spreads over all of them. All systems use every core and the same token ids.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One measurement in a fresh process: load one system, warm it up, time a prefill and a greedy decode.
 
-`gptserve bench` runs `python -m bench.runners TASK.json RESULT.json` once per system, batch size and repetition,
-so every figure, peak memory included, belongs to that system alone. Each runner loads its own libraries.
+`gptserve bench` runs `python -m gptserve.bench.runners TASK.json RESULT.json` once per system, batch size and
+repetition, so every figure, peak memory included, belongs to that system alone. Each runner loads its own libraries.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from gptserve.model.greedy import greedy_tokens
 
 PREFILL_RUNS = 3  # timed prefills per process; the process reports their median
 WARMUP_TOKENS = 8  # a short greedy run first: first-call allocations and lazy initialisation are not timed
@@ -41,17 +43,11 @@ class StepRunner:
         return time.perf_counter() - started
 
     def decode(self, prompt: np.ndarray, new_tokens: int) -> tuple[list[float], np.ndarray]:
-        input_ids, attention_mask, past = prompt, np.ones_like(prompt), None  # (B, T), (B, P+T)
-        stamps, tokens = [], []
-        for _ in range(new_tokens):
-            logits, past = self.step(input_ids, attention_mask, past)  # (B, V)
-            logits[:, self.eos_token_ids] = -np.inf  # as min_new_tokens does for the other systems
-            next_ids = logits.argmax(-1)  # (B,)
-            stamps.append(time.perf_counter())
-            tokens.append(next_ids)
-            input_ids = next_ids[:, None]  # (B, 1)
-            attention_mask = np.ones((prompt.shape[0], attention_mask.shape[1] + 1), dtype=np.int64)
-        return stamps, np.stack(tokens, axis=1)
+        stamps: list[float] = []
+        # EOS suppressed, as min_new_tokens does for the other systems.
+        tokens = greedy_tokens(self.step, prompt, new_tokens, suppress=self.eos_token_ids,
+                               on_token=lambda _ids: stamps.append(time.perf_counter()))
+        return stamps, tokens
 
 
 class TransformersRunner:

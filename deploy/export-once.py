@@ -11,6 +11,7 @@ themselves.
 import logging
 import sys
 
+from gptserve.export.artifact import ArtifactError
 from gptserve.service.artifacts import cached_artifact_folder, default_precision, ensure_artifact, is_current
 
 
@@ -25,7 +26,11 @@ def main(argv: list[str]) -> int:
     if is_current(folder):
         print(f"{model}: already exported in {folder}; nothing to do")
         return 0
-    ensure_artifact(None, model, precision)
+    try:
+        ensure_artifact(None, model, precision)
+    except ArtifactError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(f"{model}: exported into {folder}")
     return 0
 

@@ -1,4 +1,5 @@
-"""The artifact folder: everything a server needs, described by manifest.json. Torch-free (the engine reads it).
+"""The artifact folder: everything a server needs, described by manifest.json (export/manifest.py). Torch-free
+(the engine reads it).
 
 Layout: model.onnx (+ model.onnx.data when large), tokenizer.json, tokenizer_config.json,
 generation_config.json, genai_config.json (onnxruntime-genai), manifest.json.
@@ -9,40 +10,61 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gptserve.export.contract import GraphContract
+from gptserve.export.manifest import Manifest, ParityReport
+from gptserve.export.schema import SchemaError
+from gptserve.model.config import GPTConfig
 from gptserve.model.fetch import sha256_file
 
 # 2: the fused graph (KV buffers with room are written in place; the optional logits_to_keep input).
-FORMAT = "gptserve-artifact/2"
+# 3: parsed strictly: every field written, the parity report's optional ones as null.
+FORMAT = "gptserve-artifact/3"
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 class ArtifactError(RuntimeError):
     """An artifact folder that cannot be served as it is."""
 
 
-def read_manifest(folder: str | Path) -> dict:
+def read_manifest(folder: str | Path) -> Manifest:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{folder}: no {MANIFEST}; is this a folder written by `gptserve export`?")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path}: not valid JSON ({error})") from error
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; "
+    written = data.get("format") if isinstance(data, dict) else None
+    if written != FORMAT:
+        raise ArtifactError(f"{path}: format {written!r}, expected {FORMAT!r}; "
                             "export it again with this version's `gptserve export`")
-    return manifest
+    try:
+        return Manifest.from_json(data)
+    except SchemaError as error:
+        raise ArtifactError(f"{path}: {error}") from error
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    write_json(folder / MANIFEST, manifest.to_json())
 
 
 def file_hashes(folder: Path, names: list[str]) -> dict[str, str]:
     return {name: sha256_file(folder / name) for name in sorted(names)}
 
 
-def verify_files(folder: str | Path, manifest: dict) -> None:
-    """Every file the manifest lists is present and unchanged."""
+def verify_files(folder: str | Path, manifest: Manifest) -> None:
+    """Every file the manifest lists is present and unchanged. (The manifest cannot list itself: the engine
+    checks what it says against the graph instead.)"""
     folder = Path(folder)
-    for name, expected in manifest["files"].items():
+    unlisted = [name for name in (manifest.graph.file, manifest.graph.file + ".data", *TOKENIZER_FILES)
+                if name not in manifest.files and (folder / name).exists()]
+    if unlisted:
+        raise ArtifactError(f"{folder}: the manifest lists no sha256 for {', '.join(unlisted)}; re-export the artifact")
+    for name, expected in manifest.files.items():
+        if Path(name).name != name:
+            raise ArtifactError(f"{folder}: the manifest lists {name!r}, which is not a file of this folder")
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"{folder}: {name} is missing; re-export the artifact")
@@ -56,24 +78,24 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_id: int | None,
+def genai_config(config: GPTConfig, graph: GraphContract, eos_token_ids: list[int], bos_token_id: int | None,
                  pad_token_id: int | None) -> dict:
     """onnxruntime-genai's description of the same graph, so it can load the folder unmodified."""
     return {
         "model": {
-            "type": "llama" if config["architecture"] == "llama" else "decoder",
-            "context_length": config["context_length"],
-            "vocab_size": graph["vocab_size"],
+            "type": "llama" if config.architecture == "llama" else "decoder",
+            "context_length": config.context_length,
+            "vocab_size": graph.vocab_size,
             "bos_token_id": bos_token_id if bos_token_id is not None else eos_token_ids[0],
             "eos_token_id": eos_token_ids if len(eos_token_ids) > 1 else eos_token_ids[0],
             "pad_token_id": pad_token_id if pad_token_id is not None else eos_token_ids[0],
             "decoder": {
-                "filename": GRAPH_FILE,
-                "head_size": graph["head_dim"],
-                "hidden_size": config["n_embd"],
-                "num_attention_heads": config["n_head"],
-                "num_hidden_layers": graph["n_layer"],
-                "num_key_value_heads": graph["n_kv_heads"],
+                "filename": graph.file,
+                "head_size": graph.head_dim,
+                "hidden_size": config.n_embd,
+                "num_attention_heads": config.n_head,
+                "num_hidden_layers": graph.n_layer,
+                "num_key_value_heads": graph.n_kv_heads,
                 "session_options": {"provider_options": []},
                 "inputs": {
                     "input_ids": "input_ids",
@@ -89,7 +111,7 @@ def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_
             },
         },
         "search": {
-            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config["context_length"],
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": config.context_length,
             "min_length": 0, "early_stopping": True, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             # Separate past and present tensors: the form the certification runs. (Our engine binds both to one
@@ -99,14 +121,16 @@ def genai_config(config: dict, graph: dict, eos_token_ids: list[int], bos_token_
     }
 
 
-def format_report(report: dict) -> str:
-    lines = [f"parity ({report['precision']} vs {report['reference']}, on {report['runtime']}): "
-             f"{'PASSED' if report['passed'] else 'FAILED'}; criteria {report['criteria']}"]
-    if "perplexity" in report:
-        ppl = report["perplexity"]
-        lines.append(f"  top-1 agreement {report['top1_agreement']:.4f}; perplexity on {ppl['text']} "
-                     f"{ppl['measured']:.3f} vs {ppl['reference']:.3f} (ratio {ppl['ratio']:.3f})")
-    for case in report["cases"]:
-        lines.append(f"  {case['case']:<24} max abs diff {case['max_abs_diff']:.3e}  "
-                     f"top-1 agreement {case['top1_agreement']:.4f}  greedy {'match' if case['greedy_match'] else 'DIFFER'}")
+def format_report(report: ParityReport) -> str:
+    lines = [f"parity ({report.precision} vs {report.reference}, on {report.runtime}): "
+             f"{'PASSED' if report.passed else 'FAILED'}; criteria {report.criteria}"]
+    if report.perplexity is not None:
+        perplexity = report.perplexity
+        lines.append(f"  top-1 agreement {report.top1_agreement:.4f}; perplexity on {perplexity.text} "
+                     f"{perplexity.measured:.3f} vs {perplexity.reference:.3f} (ratio {perplexity.ratio:.3f})")
+    if report.contract_mismatches:
+        lines.append(f"  contract mismatches: {', '.join(report.contract_mismatches)}")
+    for case in report.cases:
+        lines.append(f"  {case.case:<24} max abs diff {case.max_abs_diff:.3e}  "
+                     f"top-1 agreement {case.top1_agreement:.4f}  greedy {'match' if case.greedy_match else 'DIFFER'}")
     return "\n".join(lines)

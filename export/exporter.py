@@ -15,15 +15,17 @@ import torch
 from torch.export import Dim
 
 from gptserve.export.artifact import (
-    FORMAT, GRAPH_FILE, MANIFEST, ArtifactError, file_hashes, format_report, genai_config, write_json,
+    FORMAT, GRAPH_FILE, ArtifactError, file_hashes, format_report, genai_config, write_json, write_manifest,
 )
-from gptserve.export.contract import graph_contract, past_names, present_names
+from gptserve.export.contract import GraphContract, graph_contract, past_names, present_names
 from gptserve.export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
+from gptserve.export.manifest import Canary, Generation, Manifest, ModelDescription, ParityReport
 from gptserve.export.parity import CANARY_TEXT, certify
 from gptserve.export.quantize import PRECISIONS, convert
 from gptserve.export.runtime import create_session
 from gptserve.model.gpt import GPT
 from gptserve.model.spec import Pretrained, load_pretrained
+from gptserve.model.tokenizer import read_gguf_metadata
 
 # Opset 23: the first block's norm is one RMSNormalization node (the contrib kernels come from gptserve.export.fused).
 OPSET = 23
@@ -62,85 +64,101 @@ def export_graph(model: GPT, path: Path) -> None:
 
 
 def source_is_quantized(source: Path) -> bool:
-    from gptserve.model.tokenizer import read_gguf_metadata
-
     # GGUF file types 0 and 1 are all-F32 and mostly-F16; every other type holds quantized blocks.
     return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)
 
 
-def check_structure(path: Path, graph: dict) -> dict:
+def convert_step(fp32_path: Path, graph_path: Path, precision: str, source: Path) -> dict | None:
+    """The exported fp32 graph at `precision` in graph_path (the fp32 folder is then removed); the manifest's
+    notes on what was quantized (None at fp32, exported in place)."""
+    if precision == "fp32":
+        return None
+    progress(f"converting to {precision}")
+    notes = convert(fp32_path, graph_path, precision, source_is_quantized(source))
+    shutil.rmtree(fp32_path.parent)
+    return notes
+
+
+def check_structure(path: Path, graph: GraphContract) -> ParityReport:
     """fp16 is meant for GPUs and none is here: check the graph itself and its contract, not its numbers."""
     onnx.checker.check_model(str(path))
     model = onnx.load(str(path), load_external_data=False)
     dtypes = {value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
               for value in [*model.graph.input, *model.graph.output]}
-    mismatches = [spec["name"] for spec in graph["inputs"] + graph["outputs"] if dtypes.get(spec["name"]) != spec["dtype"]]
-    return {"precision": "fp16", "reference": "none: certified structurally (no GPU to run it on)",
-            "runtime": "onnx.checker", "criteria": {"structure": "valid ONNX, contract names and dtypes"},
-            "cases": [], "contract_mismatches": mismatches, "passed": not mismatches}
+    mismatches = tuple(spec.name for spec in (*graph.inputs, *graph.outputs) if dtypes.get(spec.name) != spec.dtype)
+    return ParityReport(precision="fp16", reference="none: certified structurally (no GPU to run it on)",
+                        runtime="onnx.checker", criteria={"structure": "valid ONNX, contract names and dtypes"},
+                        cases=(), top1_agreement=None, perplexity=None, contract_mismatches=mismatches,
+                        passed=not mismatches)
+
+
+def certify_step(model: GPT, pretrained: Pretrained, graph_path: Path, graph: GraphContract, precision: str,
+                 tolerance: float, criteria: dict | None) -> tuple[ParityReport, Canary | None]:
+    """The graph on ONNX Runtime CPU against the eager model (fp16, which needs a GPU: its structure only)."""
+    progress("certifying on ONNX Runtime CPU")
+    if precision == "fp16":
+        return check_structure(graph_path, graph), None
+    session = create_session(graph_path, provider="cpu")
+    text_ids = pretrained.tokenizer.encode(CANARY_TEXT.read_text())
+    return certify(model, session, graph, precision, tolerance, text_ids, criteria)
+
+
+def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, precision: str,
+               quantization: dict | None, report: ParityReport, canary: Canary | None) -> Manifest:
+    """The tokenizer, the configs onnxruntime-genai and transformers read, and the manifest over them all."""
+    config, tokenizer = pretrained.config, pretrained.tokenizer
+    tokenizer.save(staging)
+    eos = tokenizer.eos_token_ids
+    write_json(staging / "generation_config.json", {
+        "eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id, "max_length": config.context_length})
+    write_json(staging / "genai_config.json",
+               genai_config(config, graph, eos, tokenizer.bos_token_id, tokenizer.pad_token_id))
+    manifest = Manifest(
+        format=FORMAT,
+        model=ModelDescription(pretrained.name, str(pretrained.source), config),
+        precision=precision,
+        quantization=quantization,
+        graph=graph,
+        generation=Generation(config.context_length, tuple(eos), tokenizer.bos_token_id),
+        tools={name: version(name) for name in ("torch", "onnx", "onnxruntime", "onnxscript", "gptserve")},
+        files=file_hashes(staging, [path.name for path in staging.iterdir()]),
+        parity=report,
+        canary=canary,
+    )
+    write_manifest(staging, manifest)
+    return manifest
 
 
 def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None,
-                   precision: str = "fp32", criteria: dict | None = None) -> dict:
-    """Writes the artifact into `out` (replacing what is there only once the new one is certified)."""
+                   precision: str = "fp32", criteria: dict | None = None) -> Manifest:
+    """Export, convert, certify, write (each a function above): the artifact goes into `out`, replacing what is
+    there, only once it is certified."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    config = pretrained.config
     if context_length:
-        config = config.replace(context_length=min(context_length, config.context_length))
+        pretrained = pretrained.with_context_length(context_length)
+    config = pretrained.config
     model = pretrained.build()
-    model.config = config
-    tokenizer = pretrained.tokenizer
     graph = graph_contract(config.n_layer, config.kv_heads, config.head_dim, config.vocab_size,
-                           kv_dtype="float16" if precision == "fp16" else "float32")
+                           kv_dtype="float16" if precision == "fp16" else "float32", file=GRAPH_FILE, opset=OPSET)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
-        staging = Path(scratch)
+        staging = Path(scratch) / "artifact"
+        staging.mkdir()
         started = time.perf_counter()
         progress(f"exporting {pretrained.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
                  f"to ONNX opset {OPSET}")
-        graph_path = staging / GRAPH_FILE
-        if precision == "fp32":
-            export_graph(model, graph_path)
-            quantization = None
-        else:
-            fp32_folder = Path(tempfile.mkdtemp(dir=scratch))
-            export_graph(model, fp32_folder / GRAPH_FILE)
-            progress(f"converting to {precision}")
-            quantization = convert(fp32_folder / GRAPH_FILE, graph_path, precision,
-                                   source_is_quantized(pretrained.source))
-            shutil.rmtree(fp32_folder)
-        progress(f"exported in {time.perf_counter() - started:.0f} s; certifying on ONNX Runtime CPU")
-        if precision == "fp16":
-            report, canary = check_structure(graph_path, graph), None
-        else:
-            session = create_session(graph_path, provider="cpu")
-            text_ids = tokenizer.encode(CANARY_TEXT.read_text())
-            report, canary = certify(model, session, graph, precision, tolerance, text_ids, criteria)
+        fp32_path = staging / graph.file if precision == "fp32" else Path(scratch) / "fp32" / graph.file
+        fp32_path.parent.mkdir(exist_ok=True)
+        export_graph(model, fp32_path)
+        progress(f"exported in {time.perf_counter() - started:.0f} s")
+        quantization = convert_step(fp32_path, staging / graph.file, precision, pretrained.source)
+        report, canary = certify_step(model, pretrained, staging / graph.file, graph, precision, tolerance, criteria)
         progress(format_report(report))
-        if not report["passed"]:
+        if not report.passed:
             raise ArtifactError(f"parity certification failed; nothing written to {out}\n{format_report(report)}")
-        tokenizer.save(staging)
-        eos = tokenizer.eos_token_ids
-        write_json(staging / "generation_config.json", {
-            "eos_token_id": eos, "bos_token_id": tokenizer.bos_token_id, "max_length": config.context_length})
-        write_json(staging / "genai_config.json",
-                   genai_config(config.to_dict(), graph, eos, tokenizer.bos_token_id, tokenizer.pad_token_id))
-        manifest = {
-            "format": FORMAT,
-            "model": {"name": pretrained.name, "source": str(pretrained.source), "config": config.to_dict()},
-            "precision": precision,
-            "quantization": quantization,
-            "graph": {"file": GRAPH_FILE, "opset": OPSET, **graph},
-            "generation": {"context_length": config.context_length, "eos_token_ids": eos,
-                           "bos_token_id": tokenizer.bos_token_id},
-            "tools": {name: version(name) for name in ("torch", "onnx", "onnxruntime", "onnxscript", "gptserve")},
-            "files": file_hashes(staging, [path.name for path in staging.iterdir()]),
-            "parity": report,
-            "canary": canary,
-        }
-        write_json(staging / MANIFEST, manifest)
+        manifest = write_step(staging, pretrained, graph, precision, quantization, report, canary)
         _move_into_place(staging, out)
     progress(f"artifact ready: {out}")
     return manifest
@@ -154,12 +172,11 @@ def _move_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     shutil.move(str(staging), str(out))
-    staging.mkdir()  # TemporaryDirectory cleans up the path it made
     if old:
         shutil.rmtree(old)
 
 
 def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None,
-           precision: str = "fp32", criteria: dict | None = None) -> dict:
+           precision: str = "fp32", criteria: dict | None = None) -> Manifest:
     progress(f"loading {spec}")
     return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length, precision, criteria)

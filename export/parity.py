@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptserve.export.contract import empty_past, feed, ragged_mask
+from gptserve.export.contract import GraphContract, empty_past, feed, ragged_mask
+from gptserve.export.manifest import Canary, ParityCase, ParityReport, Perplexity
 from gptserve.model.gpt import GPT
+from gptserve.model.greedy import greedy_tokens
 
 DECODE_STEPS = 32
 RAGGED_DECODE_STEPS = 4
@@ -34,22 +36,20 @@ def text_slice(text_ids: np.ndarray, start: int, length: int) -> np.ndarray:
     return np.resize(np.roll(text_ids, -start), length).astype(np.int64)
 
 
-def compare(case: str, eager: np.ndarray, onnx: np.ndarray, mask: np.ndarray | None = None) -> dict:
+def compare(case: str, eager: np.ndarray, onnx: np.ndarray, mask: np.ndarray | None = None) -> ParityCase:
     """eager/onnx: (B, T, V) logits; mask (B, T) picks the positions that hold real tokens."""
     if mask is not None:
         eager, onnx = eager[mask.astype(bool)], onnx[mask.astype(bool)]
     eager, onnx = eager.reshape(-1, eager.shape[-1]), onnx.reshape(-1, onnx.shape[-1])
     agreement = float((eager.argmax(-1) == onnx.argmax(-1)).mean())
-    return {"case": case, "positions": len(eager), "max_abs_diff": float(np.abs(eager - onnx).max()),
-            "top1_agreement": agreement, "greedy_match": agreement == 1.0}
+    return ParityCase(case, len(eager), float(np.abs(eager - onnx).max()), agreement, agreement == 1.0)
 
 
 class Certifier:
-    def __init__(self, model: GPT, session, graph: dict, text_ids: list[int]) -> None:
+    def __init__(self, model: GPT, session, graph: GraphContract, text_ids: list[int]) -> None:
         self.text_ids = np.array(text_ids, dtype=np.int64)
         self.model = copy.deepcopy(model).to(torch.float64).eval()
         self.session, self.graph = session, graph
-        self.vocab_size = graph["vocab_size"]
 
     @torch.inference_mode()
     def eager(self, input_ids, attention_mask, past):
@@ -64,19 +64,24 @@ class Certifier:
         logits, *present = self.session.run(None, feed(self.graph, input_ids, attention_mask, past, logits_to_keep))
         return logits, present
 
-    def prefill_case(self, length: int) -> dict:
+    def onnx_step(self, input_ids, attention_mask, past):
+        """The graph run plainly, as a step function (last position's logits)."""
+        logits, present = self.onnx(input_ids, attention_mask, past)
+        return logits[:, -1], present
+
+    def prefill_case(self, length: int) -> ParityCase:
         ids = text_slice(self.text_ids, 0, length)[None]
         mask = np.ones_like(ids)
         return compare(f"prefill_{length}", self.eager(ids, mask, None)[0], self.onnx(ids, mask, None)[0])
 
-    def last_position_case(self, length: int) -> dict:
+    def last_position_case(self, length: int) -> ParityCase:
         """The engine's prefill: logits_to_keep = 1, the last position's logits alone."""
         ids = text_slice(self.text_ids, 0, length)[None]
         mask = np.ones_like(ids)
         onnx = self.onnx(ids, mask, None, logits_to_keep=1)[0]
         return compare(f"prefill_{length}_last_only", self.eager(ids, mask, None)[0][:, -1:], onnx)
 
-    def decode_case(self) -> dict:
+    def decode_case(self) -> ParityCase:
         """32 cached decode steps, each side feeding its own presents back; the eager greedy token drives both."""
         ids = text_slice(self.text_ids, 0, CANARY_PROMPT_TOKENS)[None]
         mask = np.ones_like(ids)
@@ -93,7 +98,7 @@ class Certifier:
             onnx_steps.append(onnx_logits)
         return compare(f"decode_{DECODE_STEPS}", np.concatenate(eager_steps, 1), np.concatenate(onnx_steps, 1))
 
-    def ragged_batch_case(self, lengths=(5, 11, 17), steps=RAGGED_DECODE_STEPS) -> dict:
+    def ragged_batch_case(self, lengths=(5, 11, 17), steps=RAGGED_DECODE_STEPS) -> ParityCase:
         """Prompts of unequal length batched as the engine batches them: each row's tokens first, padding after;
         then decode steps that append each row's token right after its own. Eager runs each row alone."""
         rows = len(lengths)
@@ -132,22 +137,17 @@ QUALITY_CRITERIA = {
 }
 
 
-def run_cases(certifier: Certifier) -> list[dict]:
+def run_cases(certifier: Certifier) -> list[ParityCase]:
     lengths = [n for n in (1, 17, 128) if n <= certifier.model.config.context_length]
     return [*(certifier.prefill_case(n) for n in lengths), certifier.last_position_case(lengths[-1]),
             certifier.decode_case(), certifier.ragged_batch_case()]
 
 
-def onnx_canary(session, graph: dict, text_ids: np.ndarray, steps: int = DECODE_STEPS) -> dict:
+def onnx_canary(certifier: Certifier, steps: int = DECODE_STEPS) -> Canary:
     """The graph's own greedy tokens on the canary prompt, which the engine re-runs at start."""
-    prompt = text_slice(text_ids, 0, CANARY_PROMPT_TOKENS)
-    ids, mask, past, tokens = prompt[None], np.ones((1, len(prompt)), dtype=np.int64), empty_past(graph, 1), []
-    for _ in range(steps):
-        logits, *past = session.run(None, feed(graph, ids, mask, past))
-        tokens.append(int(logits[0, -1].argmax()))
-        ids = np.array([[tokens[-1]]], dtype=np.int64)
-        mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
-    return {"prompt_ids": prompt.tolist(), "greedy_tokens": tokens}
+    prompt = text_slice(certifier.text_ids, 0, CANARY_PROMPT_TOKENS)
+    tokens = greedy_tokens(certifier.onnx_step, prompt, steps)[0]
+    return Canary(tuple(prompt.tolist()), tuple(tokens.tolist()))
 
 
 def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
@@ -158,33 +158,33 @@ def perplexity(logits: np.ndarray, ids: np.ndarray) -> float:
     return float(np.exp(-log_probs[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
-def perplexity_case(certifier: Certifier) -> dict:
+def perplexity_case(certifier: Certifier) -> Perplexity:
     ids = certifier.text_ids[:PERPLEXITY_TOKENS][None]
     mask = np.ones_like(ids)
     eager, onnx = certifier.eager(ids, mask, None)[0][0], certifier.onnx(ids, mask, None)[0][0]
     reference, measured = perplexity(eager, ids[0]), perplexity(onnx, ids[0])
-    return {"text": CANARY_TEXT.name, "tokens": ids.shape[1], "reference": reference, "measured": measured,
-            "ratio": measured / reference}
+    return Perplexity(CANARY_TEXT.name, ids.shape[1], reference, measured, measured / reference)
 
 
-def certify(model: GPT, session, graph: dict, precision: str, tolerance: float, text_ids: list[int],
-            criteria: dict | None = None) -> tuple[dict, dict]:
+def certify(model: GPT, session, graph: GraphContract, precision: str, tolerance: float, text_ids: list[int],
+            criteria: dict | None = None) -> tuple[ParityReport, Canary]:
     """The parity report (passed or not) and the start-up canary, for an fp32, int8 or int4 graph.
     `criteria` overrides the quality thresholds of a reduced precision."""
     certifier = Certifier(model, session, graph, text_ids)
     cases = run_cases(certifier)
-    report = {"precision": precision, "reference": "eager PyTorch float64",
-              "runtime": "onnxruntime CPUExecutionProvider", "cases": cases}
+    common = {"precision": precision, "reference": "eager PyTorch float64",
+              "runtime": "onnxruntime CPUExecutionProvider", "cases": tuple(cases), "contract_mismatches": ()}
     if precision == "fp32":
-        report["criteria"] = {"max_abs_diff": tolerance, "greedy_match": True}
-        report["passed"] = all(case["max_abs_diff"] <= tolerance and case["greedy_match"] for case in cases)
+        report = ParityReport(
+            **common, criteria={"max_abs_diff": tolerance, "greedy_match": True}, top1_agreement=None,
+            perplexity=None,
+            passed=all(case.max_abs_diff <= tolerance and case.greedy_match for case in cases))
     else:
         criteria = criteria or QUALITY_CRITERIA[precision]
-        agreement = sum(case["top1_agreement"] * case["positions"] for case in cases) / sum(
-            case["positions"] for case in cases)
-        report["criteria"] = criteria
-        report["top1_agreement"] = agreement
-        report["perplexity"] = perplexity_case(certifier)
-        report["passed"] = (agreement >= criteria["min_top1_agreement"]
-                            and report["perplexity"]["ratio"] <= criteria["max_perplexity_ratio"])
-    return report, onnx_canary(session, graph, certifier.text_ids)
+        agreement = sum(case.top1_agreement * case.positions for case in cases) / sum(case.positions for case in cases)
+        perplexity = perplexity_case(certifier)
+        report = ParityReport(
+            **common, criteria=criteria, top1_agreement=agreement, perplexity=perplexity,
+            passed=(agreement >= criteria["min_top1_agreement"]
+                    and perplexity.ratio <= criteria["max_perplexity_ratio"]))
+    return report, onnx_canary(certifier)

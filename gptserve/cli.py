@@ -78,26 +78,33 @@ def run_inspect(args: argparse.Namespace) -> int:
     from gptserve.export.artifact import format_report, read_manifest
 
     manifest = read_manifest(args.artifacts)
-    model, graph = manifest["model"], manifest["graph"]
-    print(f"{model['name']} ({model['config']['architecture']}, {manifest['precision']}), from {model['source']}")
-    print(f"graph: {graph['file']}, opset {graph['opset']}, {graph['n_layer']} layers, KV {graph['kv_layout']} "
-          f"with {graph['n_kv_heads']} heads of {graph['head_dim']}; context {manifest['generation']['context_length']}")
-    print("tools: " + ", ".join(f"{name} {version}" for name, version in manifest["tools"].items()))
-    print(format_report(manifest["parity"]))
-    return 0 if manifest["parity"]["passed"] else 1
+    model, graph = manifest.model, manifest.graph
+    print(f"{model.name} ({model.config.architecture}, {manifest.precision}), from {model.source}")
+    print(f"graph: {graph.file}, opset {graph.opset}, {graph.n_layer} layers, KV {graph.kv_layout} "
+          f"with {graph.n_kv_heads} heads of {graph.head_dim}; context {manifest.generation.context_length}")
+    print("tools: " + ", ".join(f"{name} {version}" for name, version in manifest.tools.items()))
+    print(format_report(manifest.parity))
+    return 0 if manifest.parity.passed else 1
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from gptserve.export.artifact import ArtifactError
     from gptserve.service.artifacts import default_precision, ensure_artifact
     from gptserve.service.client import read_token
     from gptserve.service.engine import Engine
     from gptserve.service.server import ServerConfig, serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    folder = ensure_artifact(args.artifacts, args.model, args.precision or default_precision(args.provider))
+    # The default model only when no folder is named: a folder alone is served as it is, or refused.
+    model = args.model or (None if args.artifacts else DEFAULT_MODEL)
+    try:
+        folder = ensure_artifact(args.artifacts, model, args.precision or default_precision(args.provider))
+    except ArtifactError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         max_unread_tokens=args.max_unread_tokens, max_paused=args.max_paused, stall_seconds=args.stall_seconds,
@@ -151,9 +158,11 @@ def add_bench_command(commands) -> None:
 def add_service_commands(commands) -> None:
     """serve, client and bench-serve: the gRPC server and its two callers."""
     serve = commands.add_parser("serve", help="serve an artifact over gRPC (exporting --model first if needed)")
-    serve.add_argument("--artifacts", help="artifact folder; with --model and no artifact there, exported into it")
-    serve.add_argument("--model", default=DEFAULT_MODEL,
-                       help="model spec to export when there is no artifact (cached under ~/.cache/gptserve)")
+    serve.add_argument("--artifacts", help="artifact folder to serve; with --model, exported into it when it is "
+                                          "absent or empty")
+    serve.add_argument("--model", default=None,
+                       help=f"model spec to export and serve (cached under ~/.cache/gptserve; default {DEFAULT_MODEL} "
+                            "when no --artifacts is given)")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use TLS and a token)")
     serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     serve.add_argument("--max-batch-size", type=int, default=8, help="sequences stepped together")

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from gptserve.model.config import GPTConfig
 from gptserve.model.gpt import GPT
+from gptserve.model.tokenizer import TokenizerError, read_gguf_metadata
 
 StateDict = dict[str, torch.Tensor]
 Shape = tuple[int, ...]
@@ -298,8 +299,10 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
     """The config and float32 (dequantized) state dict of a llama-architecture GGUF file, in our names."""
     path = Path(path)
     reader = _open_gguf(path)
-    metadata = {key: field.contents() for key, field in reader.fields.items()
-                if key == "general.architecture" or key.startswith("llama.")}
+    try:
+        metadata = read_gguf_metadata(path)  # the project's one GGUF header reader; the tensors are gguf's
+    except TokenizerError as error:
+        raise CheckpointError(str(error)) from error
     architecture = metadata.get("general.architecture")
     if architecture not in GGUF_ARCHITECTURES:
         raise CheckpointError(f"{path}: GGUF architecture {architecture!r} is not supported; "

@@ -1,13 +1,15 @@
 """Streaming text from generated tokens: each new token gives the text it completes, never half a character.
 
 A token can end in the middle of a UTF-8 character (byte-level vocabularies split emoji and CJK across tokens),
-and some decoders change a token's text by what precedes it. So each step decodes a short window twice --
-the tokens already shown (from `prefix_offset`) and the same plus the new ones -- and emits the difference.
+and some decoders change a token's text by what precedes it. `tokenizers`' DecodeStream handles both: it decodes
+a short window of recent tokens and releases text only once it ends on a whole character.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+from tokenizers.decoders import DecodeStream
 
 from gptserve.model.tokenizer import Tokenizer
 
@@ -24,32 +26,35 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = False):
         self._tokenizer = tokenizer
+        self._backend = tokenizer._backend  # DecodeStream steps the `tokenizers` object itself
         self._skip_special_tokens = skip_special_tokens
-        # Only the window since `prefix_offset` is kept: ids[prefix_offset:read_offset] were shown already
-        # (as context), ids[read_offset:] are waiting to complete a character.
-        self._ids = list(prompt_ids[-_PROMPT_CONTEXT:])
-        self._prefix_offset = 0
-        self._read_offset = len(self._ids)
+        self._shown = list(prompt_ids[-_PROMPT_CONTEXT:])  # the last tokens whose text is out: context
+        # DecodeStream counts context that ends inside a character as unreleased text and would emit it with the
+        # first token; that partial character is the prompt's, so the context stops before it.
+        while self._shown and self._decode(self._shown).endswith("\ufffd"):
+            self._shown.pop()
+        self._held: list[int] = []  # pushed, their text not released yet
+        self._stream = DecodeStream(ids=self._shown, skip_special_tokens=skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         """The text that `token_id` completes; empty while it ends inside a character."""
-        self._ids.append(token_id)
-        shown = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset :])
-        # U+FFFD at the end is an incomplete byte sequence that the next token may complete.
-        if len(text) <= len(shown) or text.endswith("\ufffd"):
+        text = self._stream.step(self._backend, token_id)
+        self._held.append(token_id)
+        if text is None:
             return ""
-        del self._ids[: self._read_offset]  # keeps each step's work independent of the text's length
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
-        return text[len(shown) :]
+        self._shown = (self._shown + self._held)[-_PROMPT_CONTEXT:]
+        self._held = []
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character decodes to U+FFFD, as `decode` does)."""
-        shown = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset :])
-        self._ids = self._ids[self._read_offset :]
-        self._prefix_offset, self._read_offset = 0, len(self._ids)
-        return text[len(shown) :]
+        if not self._held:
+            return ""
+        text = self._decode(self._shown + self._held)[len(self._decode(self._shown)):]
+        # The held tokens are spent (as U+FFFD where they ended inside a character): later pushes start afresh.
+        self._held = []
+        self._stream = DecodeStream(ids=self._shown, skip_special_tokens=self._skip_special_tokens)
+        return text
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special_tokens) if ids else ""

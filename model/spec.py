@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from gptserve.model.tokenizer import Tokenizer
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pretrained:
     name: str
     config: GPTConfig
@@ -31,6 +32,16 @@ class Pretrained:
         from gptserve.model.checkpoint import load_gpt
 
         return load_gpt(self.config, self.state_dict)
+
+    def with_context_length(self, context_length: int) -> "Pretrained":
+        """The same model limited to its first `context_length` positions (never more than it has): a learned
+        position table keeps that many rows, so the built model is exactly what its config says."""
+        context_length = min(context_length, self.config.context_length)
+        state_dict = dict(self.state_dict)
+        if "wpe.weight" in state_dict:
+            state_dict["wpe.weight"] = state_dict["wpe.weight"][:context_length].contiguous()
+        return dataclasses.replace(self, config=self.config.replace(context_length=context_length),
+                                   state_dict=state_dict)
 
 
 def resolve(spec: str) -> Path:

@@ -1,4 +1,4 @@
-"""Which artifact folder a server serves, exporting the model first when there is none yet (cached)."""
+"""Which artifact folder a server serves, exporting a model first only where the user named one (cached)."""
 
 from __future__ import annotations
 
@@ -30,20 +30,45 @@ def cached_artifact_folder(model: str, precision: str = "fp32") -> Path:
     return cache_dir() / "artifacts" / (name if precision == "fp32" else f"{name}-{precision}")
 
 
-def ensure_artifact(artifacts: str | Path | None, model: str, precision: str = "fp32") -> Path:
-    """The folder to serve: `artifacts` if it holds a manifest, else `model` exported into it (or the cache).
+def ensure_artifact(artifacts: str | Path | None, model: str | None, precision: str = "fp32") -> Path:
+    """The folder to serve, decided before anything is loaded:
 
-    The export runs in a child process, so the server process never imports torch.
+      artifacts alone            that folder, which must hold an artifact (nothing is exported)
+      artifacts and model        the folder's artifact; `model` is exported into it only when it is absent or
+                                 empty, never into a folder that holds anything else
+      model alone                its export in the cache, made on first use (and again for an older format)
+
+    Raises ArtifactError, with a one-line message, for a folder that cannot be served. The export runs in a child
+    process, so the server process never imports torch.
     """
-    folder = Path(artifacts) if artifacts else cached_artifact_folder(model, precision)
-    if (folder / MANIFEST).is_file() and (artifacts or is_current(folder)):
+    if artifacts is None:
+        if model is None:
+            raise ValueError("ensure_artifact needs an artifact folder or a model")
+        folder = cached_artifact_folder(model, precision)
+        if not is_current(folder):
+            export_into(folder, model, precision)
         return folder
+    folder = Path(artifacts)
+    if (folder / MANIFEST).is_file():
+        read_manifest(folder)  # an unreadable or outdated manifest is refused now, not after minutes of loading
+        return folder
+    if model is None:
+        if not folder.exists():
+            raise ArtifactError(f"{folder}: no such folder (to export a model into it, add --model MODEL)")
+        raise ArtifactError(f"{folder}: not an artifact folder (it holds no {MANIFEST})")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ArtifactError(f"{folder}: holds other files and no {MANIFEST}; refusing to export {model} into it "
+                            "(name an empty or new folder)")
+    export_into(folder, model, precision)
+    return folder
+
+
+def export_into(folder: Path, model: str, precision: str) -> None:
     log.info("no current artifact in %s: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
     command = [sys.executable, "-m", "gptserve", "export", "--model", model, "--out", str(folder),
                "--precision", precision]
     if subprocess.run(command).returncode:
-        raise SystemExit(f"exporting {model} into {folder} failed (see above)")
-    return folder
+        raise ArtifactError(f"exporting {model} into {folder} failed (see above)")
 
 
 def is_current(folder: Path) -> bool:

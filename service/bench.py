@@ -167,7 +167,7 @@ def machine_description(engine) -> list[str]:
     return [
         f"machine: {cpu or platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         f"python {platform.python_version()}, {versions}",
-        f"model: {engine.manifest['model']['name']} ({engine.manifest['precision']}) on {engine.execution_provider}",
+        f"model: {engine.manifest.model.name} ({engine.manifest.precision}) on {engine.execution_provider}",
     ]
 
 

@@ -9,8 +9,11 @@ import numpy as np
 import onnxruntime as ort
 
 from gptserve.export.artifact import ArtifactError, read_manifest, verify_files
-from gptserve.export.contract import empty_past, feed, past_names, present_names, ragged_mask
+from gptserve.export.contract import LOGITS, empty_past, feed, ragged_mask
+from gptserve.export.graph_file import position_limit
+from gptserve.export.manifest import Manifest
 from gptserve.export.runtime import create_session
+from gptserve.model.greedy import greedy_tokens
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.service.kv_cache import KVCache
 
@@ -43,30 +46,32 @@ def with_room(tensor: np.ndarray, needed: int, limit: int) -> np.ndarray:
 
 
 class Engine:
-    def __init__(self, folder: Path, manifest: dict, session, tokenizer: Tokenizer) -> None:
+    def __init__(self, folder: Path, manifest: Manifest, session, tokenizer: Tokenizer) -> None:
         self.folder, self.manifest, self.session, self.tokenizer = folder, manifest, session, tokenizer
-        self.graph = manifest["graph"]
-        self.context_length = manifest["generation"]["context_length"]
-        self.vocab_size = self.graph["vocab_size"]
+        self.graph = manifest.graph
+        self.context_length = manifest.generation.context_length
+        self.vocab_size = self.graph.vocab_size
         self.execution_provider = session.get_providers()[0]
         self.on_device = self.execution_provider == "CUDAExecutionProvider"
         self.device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
-        self._past_names, self._present_names = past_names(self.graph["n_layer"]), present_names(self.graph["n_layer"])
+        self._past_names, self._present_names = self.graph.past_names, self.graph.present_names
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, device_id: int = 0,
              gpu_mem_limit: int | None = None) -> "Engine":
-        """Verifies every file's sha256, opens the session and re-runs the start-up canary."""
+        """Verifies every file's sha256, opens the session, checks the manifest against the graph and re-runs the
+        start-up canary."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         verify_files(folder, manifest)
-        if not manifest["parity"]["passed"]:
+        if not manifest.parity.passed:
             raise ArtifactError(f"{folder}: its parity certification did not pass; refusing to serve it")
+        graph_path = folder / manifest.graph.file
         try:
-            session = create_session(folder / manifest["graph"]["file"], provider, threads, device_id, gpu_mem_limit)
+            session = create_session(graph_path, provider, threads, device_id, gpu_mem_limit)
         except Exception as error:  # onnxruntime raises its own untyped failures for unreadable graphs
             raise ArtifactError(f"{folder}: ONNX Runtime cannot load the graph: {error}") from error
-        _check_contract(folder, manifest["graph"], session)
+        _check_contract(folder, manifest, session)
         engine = cls(folder, manifest, session, Tokenizer.from_folder(folder))
         engine.run_canary()
         return engine
@@ -175,21 +180,27 @@ class Engine:
         return logits.numpy(), present
 
     def run_canary(self) -> None:
-        """Refuse to serve when this runtime's greedy tokens differ from those recorded at export."""
-        canary = self.manifest["canary"]
+        """Refuse to serve when this runtime's greedy tokens differ from those recorded at export, or when none
+        were recorded: only fp16, which no CPU certifies, has none, and it is served on CUDA alone (unchecked)."""
+        canary, precision = self.manifest.canary, self.manifest.precision
         if canary is None:
-            log.warning("%s: no canary recorded (%s is certified structurally only); serving unchecked",
-                        self.folder, self.manifest["precision"])
+            if not (self.on_device and precision == "fp16"):
+                raise ArtifactError(f"{self.folder}: no start-up canary recorded ({precision}, certified by "
+                                    f"{self.manifest.parity.runtime}); refusing to serve it unchecked on "
+                                    f"{self.execution_provider}")
+            log.warning("%s: no canary recorded (fp16 is certified structurally only); serving unchecked on %s",
+                        self.folder, self.execution_provider)
             return
-        ids = np.array([canary["prompt_ids"]], dtype=np.int64)
-        mask = np.ones_like(ids)
-        past, tokens = None, []
-        expected = canary["greedy_tokens"][:CANARY_STEPS]
-        for _ in expected:
-            logits, past = self.step(ids, mask, past)
-            tokens.append(int(logits[0].argmax()))
-            ids = np.array([[tokens[-1]]], dtype=np.int64)
-            mask = np.ones((1, mask.shape[1] + 1), dtype=np.int64)
+        expected = list(canary.greedy_tokens[:CANARY_STEPS])
+        ids = [*canary.prompt_ids, *expected]
+        if len(expected) < CANARY_STEPS or not canary.prompt_ids or len(ids) > self.context_length:
+            raise ArtifactError(f"{self.folder}: the recorded canary ({len(canary.prompt_ids)} prompt ids, "
+                                f"{len(canary.greedy_tokens)} greedy tokens) is not one the engine can check "
+                                f"({CANARY_STEPS} tokens, within the context length {self.context_length})")
+        if not all(0 <= token < self.vocab_size for token in ids):
+            raise ArtifactError(f"{self.folder}: the recorded canary holds token ids outside the vocabulary "
+                                f"of {self.vocab_size}")
+        tokens = greedy_tokens(self.step, canary.prompt_ids, CANARY_STEPS)[0].tolist()
         if tokens != expected:
             raise ArtifactError(
                 f"{self.folder}: start-up canary failed on {self.execution_provider}: greedy tokens {tokens}, "
@@ -197,17 +208,44 @@ class Engine:
         log.info("canary passed on %s (%d greedy tokens)", self.execution_provider, len(tokens))
 
 
-def _check_contract(folder: Path, graph: dict, session) -> None:
-    """The graph's inputs and outputs are the ones the manifest promises (a manifest from another model fails)."""
-    names = lambda specs: [spec["name"] for spec in specs]
-    actual_inputs = [node.name for node in session.get_inputs()]
-    actual_outputs = [node.name for node in session.get_outputs()]
-    optional = [node.name for node in session.get_overridable_initializers()]  # inputs with a default
-    if (actual_inputs != names(graph["inputs"]) or actual_outputs != names(graph["outputs"])
-            or optional != names(graph["optional_inputs"])):
-        raise ArtifactError(f"{folder}: the graph's inputs/outputs do not match the manifest's contract")
-    for node, spec in zip(session.get_inputs() + session.get_outputs(), graph["inputs"] + graph["outputs"]):
-        fixed = [(actual, wanted) for actual, wanted in zip(node.shape, spec["shape"]) if isinstance(wanted, int)]
-        if len(node.shape) != len(spec["shape"]) or any(actual != wanted for actual, wanted in fixed):
-            raise ArtifactError(f"{folder}: {node.name} has shape {node.shape} in the graph, "
-                                f"the manifest says {spec['shape']}")
+# ONNX Runtime's names of the contract's dtypes.
+ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "float16": "tensor(float16)"}
+
+
+def _check_contract(folder: Path, manifest: Manifest, session) -> None:
+    """The graph is the one the manifest describes. The manifest cannot hash itself, so an edited one is caught
+    here: its tensors (names, dtypes, fixed dimensions), its vocabulary, KV heads and head size against the
+    graph's own inputs and outputs, its context length against the positions the graph can embed."""
+    graph = manifest.graph
+    fail = lambda message: ArtifactError(f"{folder}: {message}; the manifest does not describe this graph")
+    nodes = {node.name: node for node in (*session.get_inputs(), *session.get_outputs())}
+    optional = {node.name for node in session.get_overridable_initializers()}  # inputs with a default
+    wanted = {"input_ids", "attention_mask", *graph.past_names, LOGITS, *graph.present_names}
+    listed = {spec.name for spec in (*graph.inputs, *graph.outputs)}
+    odd = sorted((set(nodes) ^ wanted) | (listed ^ wanted) | (optional ^ {spec.name for spec in graph.optional_inputs}))
+    if odd:
+        raise fail(f"inputs/outputs {', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''} are not in both the graph "
+                   f"and the manifest (of {graph.n_layer} layers)")
+    for spec in (*graph.inputs, *graph.outputs):
+        node = nodes[spec.name]
+        fixed = [(actual, wanted) for actual, wanted in zip(node.shape, spec.shape) if isinstance(wanted, int)]
+        if len(node.shape) != len(spec.shape) or any(actual != wanted for actual, wanted in fixed):
+            raise fail(f"{node.name} has shape {node.shape} in the graph, the manifest says {list(spec.shape)}")
+        if node.type != ORT_TYPES.get(spec.dtype):
+            raise fail(f"{node.name} is {node.type} in the graph, the manifest says {spec.dtype}")
+    vocabulary = nodes[LOGITS].shape[-1]
+    if vocabulary != graph.vocab_size:
+        raise fail(f"the graph's logits cover {vocabulary} tokens, the manifest's vocabulary is {graph.vocab_size}")
+    for name in graph.past_names:
+        shape = nodes[name].shape  # (B, KV, P, D)
+        if len(shape) != 4 or (shape[1], shape[3]) != (graph.n_kv_heads, graph.head_dim):
+            raise fail(f"{name} has shape {shape} in the graph, not {graph.n_kv_heads} KV heads of "
+                       f"{graph.head_dim}, as the manifest says")
+    try:
+        positions = position_limit(folder / graph.file)
+    except ValueError as error:
+        raise fail(str(error)) from error
+    if manifest.generation.context_length != positions:
+        raise fail(f"context length {manifest.generation.context_length}, but the graph embeds {positions} positions")
+    if (manifest.precision == "fp16") != (graph.kv_dtype == np.float16):
+        raise fail(f"precision {manifest.precision} with a {graph.kv_dtype} KV cache")

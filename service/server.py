@@ -214,14 +214,14 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             backend = self._ready()
             engine, scheduler, manifest = backend.engine, backend.scheduler, backend.engine.manifest
             return pb.ModelInfo(
-                model_name=manifest["model"]["name"],
-                architecture=manifest["model"]["config"].get("architecture", ""),
+                model_name=manifest.model.name,
+                architecture=manifest.model.config.architecture,
                 context_length=engine.context_length,
                 vocab_size=engine.vocab_size,
-                precision=manifest.get("precision", ""),
+                precision=manifest.precision,
                 execution_provider=engine.execution_provider,
-                parity_report=format_report(manifest["parity"]),
-                parity_passed=bool(manifest["parity"]["passed"]),
+                parity_report=format_report(manifest.parity),
+                parity_passed=manifest.parity.passed,
                 max_batch_size=scheduler.max_batch_size,
                 max_queue=scheduler.max_queue,
                 default_max_new_tokens=backend.limits.default_max_new_tokens,
@@ -335,7 +335,7 @@ class GenerationServer:
         self.servicer.backend = Backend(engine, scheduler, limits)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s (%s)", engine.manifest["model"]["name"], engine.execution_provider,
+        log.info("serving %s on %s (%s)", engine.manifest.model.name, engine.execution_provider,
                  f"{config.host}:{self.port}")
 
     async def wait_ready(self) -> None:

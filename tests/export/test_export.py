@@ -11,6 +11,7 @@ import pytest
 
 from gptserve.export.artifact import ArtifactError, read_manifest
 from gptserve.export.contract import past_names, present_names
+from gptserve.export.graph_file import position_limit
 from gptserve.model.eager import EagerStep
 from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.model.spec import load_pretrained
@@ -24,15 +25,6 @@ def greedy(step, tokenizer, prompt, max_new_tokens=24):
     return generate(step, sequence).token_ids
 
 
-@pytest.fixture(scope="module")
-def tiny_gpt2_artifact(tmp_path_factory, tiny_folders):
-    from gptserve.export.exporter import export
-
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-gpt2"
-    export(str(tiny_folders["gpt2"]), out, tolerance=1e-5)
-    return out
-
-
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_case(request, tiny_folders, tiny_gpt2_artifact, tiny_artifact):
     artifact = {"gpt2": tiny_gpt2_artifact, "llama": tiny_artifact}[request.param]
@@ -42,16 +34,15 @@ def tiny_case(request, tiny_folders, tiny_gpt2_artifact, tiny_artifact):
 def test_manifest_holds_the_contract_and_a_passed_report(tiny_case):
     folder, artifact = tiny_case
     manifest = read_manifest(artifact)
-    graph = manifest["graph"]
-    n_layer = graph["n_layer"]
-    assert [spec["name"] for spec in graph["inputs"]] == ["input_ids", "attention_mask", *past_names(n_layer)]
-    assert [spec["name"] for spec in graph["outputs"]] == ["logits", *present_names(n_layer)]
-    report = manifest["parity"]
-    assert report["passed"] and report["criteria"]["max_abs_diff"] == 1e-5
-    assert [case["case"] for case in report["cases"]] == [
+    graph = manifest.graph
+    assert {spec.name for spec in graph.inputs} == {"input_ids", "attention_mask", *past_names(graph.n_layer)}
+    assert {spec.name for spec in graph.outputs} == {"logits", *present_names(graph.n_layer)}
+    report = manifest.parity
+    assert report.passed and report.criteria["max_abs_diff"] == 1e-5
+    assert [case.case for case in report.cases] == [
         "prefill_1", "prefill_17", "prefill_128", "prefill_128_last_only", "decode_32", "batch_3_ragged_4_steps"]
-    assert all(case["max_abs_diff"] <= 1e-5 and case["greedy_match"] for case in report["cases"])
-    assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
+    assert all(case.max_abs_diff <= 1e-5 and case.greedy_match for case in report.cases)
+    assert set(manifest.files) >= {"model.onnx", "tokenizer.json", "tokenizer_config.json", "genai_config.json"}
 
 
 def test_graph_computes_no_output_nobody_reads(tiny_case):
@@ -77,12 +68,26 @@ def test_engine_greedy_equals_eager(tiny_case):
 
 def test_default_model_certified_and_engine_equals_eager(default_artifact):
     manifest = read_manifest(default_artifact)
-    assert manifest["parity"]["passed"] and manifest["parity"]["criteria"]["max_abs_diff"] == 1e-4
+    assert manifest.parity.passed and manifest.parity.criteria["max_abs_diff"] == 1e-4
     pretrained = load_pretrained("smollm2-135m-instruct")
     eager, engine = EagerStep(pretrained.build()), Engine.load(default_artifact)
     for prompt in PROMPTS[:3]:
         chat = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         assert greedy(engine.step, engine.tokenizer, chat, 32) == greedy(eager, pretrained.tokenizer, chat, 32)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_capped_context_is_the_graphs_own(kind, tiny_folders, tmp_path):
+    """--max-context: the built model is limited (a learned position table keeps that many rows), not a model
+    of the full context whose config is overwritten afterwards; the engine's cross-check agrees."""
+    from gptserve.export.exporter import build_artifact
+
+    pretrained = load_pretrained(str(tiny_folders[kind]))
+    manifest = build_artifact(pretrained, tmp_path / kind, tolerance=1e-5, context_length=64)
+    assert manifest.generation.context_length == manifest.model.config.context_length == 64
+    assert position_limit(tmp_path / kind / "model.onnx") == 64
+    assert pretrained.config.context_length == 256  # the caller's model is left as it was
+    assert Engine.load(tmp_path / kind).context_length == 64
 
 
 def test_inspect_shows_the_report(tiny_artifact):

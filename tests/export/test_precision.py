@@ -44,15 +44,15 @@ def test_weight_only_quantization_is_certified_on_quality(precision, tiny_llama,
     out = tmp_path / precision
     criteria = TINY_CRITERIA[precision]
     manifest = export(tiny_llama, out, precision=precision, criteria=criteria)
-    report = manifest["parity"]
-    assert report["passed"] and report["precision"] == precision and report["criteria"] == criteria
-    assert criteria["min_top1_agreement"] <= report["top1_agreement"] <= 1.0
-    assert report["perplexity"]["ratio"] <= criteria["max_perplexity_ratio"]
+    report = manifest.parity
+    assert report.passed and report.precision == precision and report.criteria == criteria
+    assert criteria["min_top1_agreement"] <= report.top1_agreement <= 1.0
+    assert report.perplexity.ratio <= criteria["max_perplexity_ratio"]
     # 2 layers x (qkv, o, gate, up, down) + the LM head, and no weight left behind; in int4 the head is two
     # MatMuls, its first FREQUENT_TOKENS token ids in 8 bits, the rest in 4.
     expected = {"int8": {8: 2 * 5 + 1}, "int4": {4: 2 * 5 + 1, 8: 1}}[precision]
     assert matmul_kinds(out) == (expected, 0)
-    assert manifest["quantization"]["embedding"] == "fp32"
+    assert manifest.quantization["embedding"] == "fp32"
     engine = Engine.load(out)
     prompt = engine.tokenizer.encode("Once upon a time")
     tokens = generate(engine.step, Sequence(engine.tokenizer, prompt, stopping=StoppingParams(8, ignore_eos=True))).token_ids
@@ -69,23 +69,25 @@ def test_quality_below_threshold_is_refused(tiny_llama, tmp_path):
 def test_fp16_is_certified_structurally(tiny_llama, tmp_path):
     out = tmp_path / "fp16"
     manifest = export(tiny_llama, out, precision="fp16")
-    assert manifest["parity"]["passed"] and manifest["parity"]["runtime"] == "onnx.checker"
-    assert manifest["canary"] is None
-    kv = manifest["graph"]["inputs"][-1]
-    assert kv["dtype"] == "float16" and manifest["graph"]["outputs"][0]["dtype"] == "float32"
+    assert manifest.parity.passed and manifest.parity.runtime == "onnx.checker"
+    assert manifest.canary is None  # no CPU can run it to record one
+    assert manifest.graph.kv_dtype == np.float16 and manifest.graph.spec("logits").dtype == "float32"
     onnx.checker.check_model(str(out / "model.onnx"))
+    # Uncertified on this machine: the CPU engine refuses it rather than serve it unchecked.
+    with pytest.raises(ArtifactError, match="no start-up canary recorded .*refusing to serve it unchecked"):
+        Engine.load(out, provider="cpu")
 
 
 def test_default_model_int4_meets_the_shipped_thresholds(default_gguf, tmp_path):
     manifest = export("smollm2-135m-instruct", tmp_path / "int4", precision="int4")
-    report = manifest["parity"]
-    assert report["passed"] and report["criteria"] == QUALITY_CRITERIA["int4"]
-    assert "quantized_twice" in manifest["quantization"]  # GGUF Q4_1 source, quantized again
+    report = manifest.parity
+    assert report.passed and report.criteria == QUALITY_CRITERIA["int4"]
+    assert "quantized_twice" in manifest.quantization  # GGUF Q4_1 source, quantized again
 
 
 def test_split_lm_head_computes_the_same_logits(tiny_artifact, tmp_path):
     """int4's LM head in two MatMuls (frequent token ids, the rest) and a Concat: the same function in fp32."""
-    graph = read_manifest(tiny_artifact)["graph"]
+    graph = read_manifest(tiny_artifact).graph
     model = onnx.load(str(tiny_artifact / "model.onnx"))
     untie_lm_head(model)
     assert split_lm_head(model, 1000).endswith("_frequent")
@@ -94,5 +96,5 @@ def test_split_lm_head_computes_the_same_logits(tiny_artifact, tmp_path):
     inputs = feed(graph, prompt, np.ones_like(prompt), empty_past(graph, 1))
     logits, split = (create_session(path, "cpu").run(["logits"], inputs)[0]
                      for path in (tiny_artifact / "model.onnx", tmp_path / "split.onnx"))
-    assert split.shape == logits.shape == (1, 5, graph["vocab_size"])
+    assert split.shape == logits.shape == (1, 5, graph.vocab_size)
     np.testing.assert_allclose(split, logits, atol=1e-5)

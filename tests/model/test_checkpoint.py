@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from gptserve.model.checkpoint import CheckpointError, load_gpt, read_gguf, read_hf_folder
+from gptserve.model.tokenizer import read_gguf_metadata
 
 VOCAB = 128
 PROMPT_LENGTH, DECODE_STEPS = 8, 16
@@ -283,6 +284,13 @@ DEFAULT_PROMPTS = {  # prompt -> a word its greedy continuation must hold, so bo
     "def fibonacci(n):\n    ": "return",
     "<|im_start|>user\nName three colours.<|im_end|>\n<|im_start|>assistant\n": "Red",
 }
+
+
+def test_the_one_gguf_header_reader_agrees_with_the_gguf_library(default_gguf):
+    """Checkpoints, tokenizers and the exporter all read GGUF metadata through read_gguf_metadata."""
+    library = {key: field.contents() for key, field in gguf.GGUFReader(default_gguf).fields.items()
+               if not key.startswith("GGUF.")}  # the reader's own header fields, not metadata
+    assert read_gguf_metadata(default_gguf) == library
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from gptserve.model.config import preset
 from gptserve.model.eager import EagerStep
 from gptserve.model.generation import FinishReason, Sequence, StoppingParams, StopStringFilter, generate
 from gptserve.model.gpt import GPT
+from gptserve.model.greedy import greedy_tokens
 from gptserve.model.sampling import SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 
@@ -115,3 +116,18 @@ def test_cached_generation_equals_full_recompute(name, tokenizer):
     full = generate(recompute, Sequence(tokenizer, prompt, stopping=stopping))
     assert cached.token_ids == full.token_ids
     assert len(set(cached.token_ids)) > 1, "weights too tame: greedy tokens do not vary"
+
+
+def test_greedy_tokens_is_the_generate_loop_at_temperature_zero(tokenizer):
+    """The one greedy loop (certification canary, engine start-up, benchmarks) picks what generate() picks."""
+    torch.manual_seed(0)
+    model = GPT(preset("tiny-llama").replace(vocab_size=tokenizer.vocab_size)).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    prompt = tokenizer.encode("Once upon a time")
+    expected = generate(EagerStep(model), Sequence(tokenizer, prompt, stopping=StoppingParams(12, ignore_eos=True)))
+    tokens = greedy_tokens(EagerStep(model), [prompt, prompt], 12)  # (B, T): two equal rows
+    assert tokens.shape == (2, 12) and tokens[0].tolist() == tokens[1].tolist() == expected.token_ids
+    suppressed = greedy_tokens(EagerStep(model), prompt, 12, suppress=[expected.token_ids[0]])
+    assert suppressed[0, 0] != expected.token_ids[0]

@@ -15,7 +15,7 @@ def test_decode_steps_append_in_place_and_equal_a_plain_run(tiny_engine):
     input_ids = np.array([prompt, prompt[:-3] + [0, 0, 0]], dtype=np.int64)
     plain_logits, *plain_past = engine.session.run(None, feed(graph, input_ids, attention_mask, empty_past(graph, 2)))
     logits, past = engine.step(input_ids, attention_mask, None)
-    assert logits.shape == (2, graph["vocab_size"])  # (B, V): each row's last token
+    assert logits.shape == (2, graph.vocab_size)  # (B, V): each row's last token
     np.testing.assert_allclose(logits, plain_logits[[0, 1], lengths - 1], atol=1e-6)
 
     buffers = None
