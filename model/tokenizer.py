@@ -59,6 +59,14 @@ class Tokenizer:
             index for index, token in backend.get_added_tokens_decoder().items() if token.special
         )
         self._compiled_template: jinja2.Template | None = None
+        # The same tokenizer reading special-token text as plain text. Made now, not on first use: the copy
+        # holds the GIL for ~0.1 s, which a server would otherwise pay on its event loop's time.
+        self._literal = Backend.from_str(backend.to_str())
+        self._literal.encode_special_tokens = True
+        # Characters of the longest token as the vocabulary spells it. Byte-level vocabularies spell one character
+        # per byte and SentencePiece ones one per character, so no token stands for more characters of text than
+        # this: a text longer than `n * longest_token_characters` is more than `n` tokens.
+        self.longest_token_characters = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
     # Loading and saving ---------------------------------------------------------------------------------------
 
@@ -193,19 +201,6 @@ class Tokenizer:
             return backend.encode(text, add_special_tokens=add_special_tokens)
         return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
-    @functools.cached_property
-    def _literal(self) -> Backend:
-        """The same tokenizer, reading special-token text as ordinary text."""
-        literal = Backend.from_str(self._backend.to_str())
-        literal.encode_special_tokens = True
-        return literal
-
-    @functools.cached_property
-    def longest_token_characters(self) -> int:
-        """Characters of the longest token as the vocabulary spells it. Byte-level vocabularies spell one
-        character per byte and SentencePiece ones one per character, so no token stands for more characters of
-        text than this: a text longer than `n * longest_token_characters` is more than `n` tokens."""
-        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -4,6 +4,7 @@ encoded safely) with a short INVALID_ARGUMENT, quoted in a clipped excerpt, and 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 
@@ -108,7 +109,7 @@ def test_a_long_value_is_quoted_in_a_short_excerpt(tiny_engine, caplog):
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert client.generate("Hello", max_new_tokens=2, ignore_eos=True).usage.completion_tokens == 2
         request_lines = lambda: [record.getMessage() for record in caplog.records if record.name == "gptserve.requests"]
-        wait_for(lambda: len(request_lines()) == 5)  # a refusal's line is written as its status goes out
+        wait_for(lambda: len(request_lines()) >= 5)  # a refusal's line is written as its status goes out
     logged = [record.getMessage() for record in caplog.records]
     assert sum(map(len, logged)) < 5000, [line[:200] for line in logged]
     assert not any("\nw" in line for line in logged)  # control characters of a value are escaped, not written
@@ -141,11 +142,17 @@ def test_a_prompt_that_cannot_fit_is_refused_by_its_length_before_tokenizing(ser
 
 def test_a_huge_prompt_does_not_stall_the_other_streams(default_engine):
     """A prompt under the character bound but over the context is tokenized before it is refused: off the event
-    loop, so a stream that is running meanwhile keeps its pace."""
-    huge = "hello world, this is a test. " * 20_000  # 580,000 characters, about 160,000 tokens
+    loop and without holding the GIL, so a stream that is running meanwhile keeps its pace."""
+    tokenizer = default_engine.tokenizer
+    size = default_engine.context_length * tokenizer.longest_token_characters - 1  # just under the cheap bound
+    digits = random.Random(0).choices("0123456789 ", k=size)  # about one token per character: slow to encode
+    huge = "".join(digits)
+    started = time.perf_counter()
+    tokenizer.encode(huge)
+    alone = time.perf_counter() - started  # what tokenizing it on the event loop would hold every stream for
     with running_server(default_engine) as (server, client):
         arrivals, refusals = [], []
-        stream = client.stream("Tell me a long story.", max_new_tokens=400, ignore_eos=True)
+        stream = client.stream("Tell me a long story.", max_new_tokens=1000, ignore_eos=True)
         next(stream)
 
         def send_huge_prompts():
@@ -165,6 +172,5 @@ def test_a_huge_prompt_does_not_stall_the_other_streams(default_engine):
         sender.join()
     assert refusals == [grpc.StatusCode.INVALID_ARGUMENT] * 3
     gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:])]
-    step = sorted(gaps)[len(gaps) // 2]
-    # Tokenizing one of these prompts on the event loop held every stream for 0.5 s or more.
-    assert len(gaps) > 10 and max(gaps) < max(0.3, 3 * step), (max(gaps), step)
+    # On the event loop, each of them held every stream (and the engine thread, for the GIL) for all of `alone`.
+    assert len(gaps) > 10 and max(gaps) < 0.75 * alone, (len(gaps), max(gaps), alone)
