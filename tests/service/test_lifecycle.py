@@ -199,3 +199,10 @@ def test_sigterm_while_the_model_loads_exits_at_once():
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_serve_flags_take_their_defaults_from_server_config(monkeypatch):
+    from gptserve.cli import build_parser, serve_config
+
+    monkeypatch.delenv("GPTSERVE_AUTH_TOKEN", raising=False)
+    assert serve_config(build_parser().parse_args(["serve"])) == ServerConfig()
