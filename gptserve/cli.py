@@ -1,7 +1,9 @@
 """The `gptserve` command: thin subcommands over the library (model/, export/, service/).
 
 Heavy imports (torch, onnxruntime, grpc) happen inside the subcommands, so each pays only for what it uses
-and the serving commands never import torch.
+and the serving commands never import torch. Defaults come from the library (ServerConfig, SamplingParams,
+StoppingParams), never restated here. A mistake in the flags is one line on stderr and exit status 2, found before
+anything is loaded.
 """
 
 from __future__ import annotations
@@ -10,18 +12,42 @@ import argparse
 import json
 import sys
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from gptserve.model.fetch import DEFAULT_MODEL
+
+USAGE_ERROR = 2
+# ServerConfig fields whose flag is not simply the field's name.
+SERVE_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key", "auth_token": "--auth-token-file"}
+
+
+def flag_for(setting: str) -> str:
+    """The serve flag that sets a ServerConfig field (a flag or an environment variable stays as it is)."""
+    if setting in SERVE_FLAGS:
+        return SERVE_FLAGS[setting]
+    return "--" + setting.strip("-").replace("_", "-") if setting.islower() else setting
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
+    from gptserve.model.generation import StoppingParams
+    from gptserve.model.sampling import MAX_TEMPERATURE, SamplingParams
+
+    sampling, stopping = SamplingParams(), StoppingParams()
     parser.add_argument("prompt", help="the prompt text (or the user message, with --chat)")
     parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--parse-special-tokens", action="store_true",
+                        help="a plain prompt's special-token text (e.g. <|im_start|>) becomes control tokens; "
+                             "without, it is text (a chat's control tokens always come from its template)")
+    parser.add_argument("--max-new-tokens", type=int, default=stopping.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=sampling.temperature,
+                        help=f"0 = greedy; at most {MAX_TEMPERATURE:g}")
+    parser.add_argument("--top-k", type=int, default=sampling.top_k, help="0 = no top-k cut")
+    parser.add_argument("--top-p", type=float, default=sampling.top_p)
+    parser.add_argument("--repetition-penalty", type=float, default=sampling.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=sampling.seed)
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
@@ -38,7 +64,15 @@ def request_params(args: argparse.Namespace):
 
 def run_generate(args: argparse.Namespace) -> int:
     from gptserve.model.generation import Sequence, generate
+    from gptserve.model.sampling import ParameterError
+    from gptserve.model.tokenizer import TokenizerError
 
+    try:  # before the model is loaded: a mistake costs no time
+        sampling, stopping = request_params(args)
+    except ParameterError as error:
+        return fail(str(error))
+    if args.chat and args.parse_special_tokens:
+        return fail("--parse-special-tokens applies to a plain prompt, not to --chat")
     if args.artifacts:
         from gptserve.service.engine import Engine
 
@@ -51,13 +85,16 @@ def run_generate(args: argparse.Namespace) -> int:
         pretrained = load_pretrained(args.model)
         step, tokenizer = EagerStep(pretrained.build()), pretrained.tokenizer
         context_length = pretrained.config.context_length
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    prompt_ids = tokenizer.encode(prompt)
-    sampling, stopping = request_params(args)
+    if args.chat:
+        try:
+            prompt_ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+        except TokenizerError as error:
+            return fail(str(error))
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, parse_special_tokens=args.parse_special_tokens)
     if len(prompt_ids) + stopping.max_new_tokens > context_length:
-        print(f"error: {len(prompt_ids)} prompt tokens + max_new_tokens {stopping.max_new_tokens} exceed "
-              f"the context length {context_length}", file=sys.stderr)
-        return 2
+        return fail(f"{len(prompt_ids)} prompt tokens + max_new_tokens {stopping.max_new_tokens} exceed the context "
+                    f"length {context_length}")
     stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
     result = generate(step, Sequence(tokenizer, prompt_ids, sampling, stopping), on_token=stream)
     if args.json:
@@ -87,25 +124,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0 if manifest.parity.passed else 1
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-
-    from gptserve.export.artifact import ArtifactError
-    from gptserve.service.artifacts import default_precision, ensure_artifact
+def serve_config(args: argparse.Namespace):
+    """The ServerConfig the serve flags describe, checked: every mistake a ConfigError naming its setting."""
     from gptserve.service.client import read_token
-    from gptserve.service.engine import Engine
-    from gptserve.service.server import ServerConfig, serve
+    from gptserve.service.errors import ConfigError
+    from gptserve.service.server import ServerConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The default model only when no folder is named: a folder alone is served as it is, or refused.
-    model = args.model or (None if args.artifacts else DEFAULT_MODEL)
-    try:
-        folder = ensure_artifact(args.artifacts, model, args.precision or default_precision(args.provider))
-    except ArtifactError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    config = ServerConfig(
+    for flag, value, minimum in (("--threads", args.threads, 1), ("--device-id", args.device_id, 0),
+                                 ("--gpu-mem-limit", args.gpu_mem_limit, 0)):
+        if value is not None and value < minimum:
+            raise ConfigError(flag, f"{value}; allowed {minimum} or more")
+    return ServerConfig(
         host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         max_unread_tokens=args.max_unread_tokens, max_paused=args.max_paused, stall_seconds=args.stall_seconds,
         prefill_chunk_tokens=args.prefill_chunk_tokens, prefill_step_seconds=args.prefill_step_seconds,
@@ -114,21 +143,58 @@ def run_serve(args: argparse.Namespace) -> int:
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
     )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from gptserve.export.artifact import ArtifactError
+    from gptserve.service.artifacts import default_precision, ensure_artifact
+    from gptserve.service.engine import Engine
+    from gptserve.service.errors import ConfigError
+    from gptserve.service.server import serve
+    from gptserve.service.startup import check_start
+
+    try:  # everything that can be wrong with the flags, before an export or a model load takes minutes
+        config = serve_config(args)
+        check_start(config)
+    except ConfigError as error:
+        return fail(f"{flag_for(error.setting)}: {error.problem}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The default model only when no folder is named: a folder alone is served as it is, or refused.
+    model = args.model or (None if args.artifacts else DEFAULT_MODEL)
+    try:
+        folder = ensure_artifact(args.artifacts, model, args.precision or default_precision(args.provider))
+    except ArtifactError as error:
+        return fail(str(error))
     load = lambda: Engine.load(folder, args.provider, args.threads, args.device_id, args.gpu_mem_limit or None)
-    return asyncio.run(serve(config, load))
+    try:
+        return asyncio.run(serve(config, load))
+    except ConfigError as error:  # the port was taken between the check and the bind
+        return fail(str(error))
 
 
 def run_client(args: argparse.Namespace) -> int:
     from gptserve.service.client import run_client as stream_to_terminal
+    from gptserve.service.errors import ConfigError
 
-    return stream_to_terminal(args)
+    try:
+        return stream_to_terminal(args)
+    except ConfigError as error:
+        return fail(str(error))
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
+    from gptserve.export.artifact import ArtifactError
     from gptserve.service.artifacts import ensure_artifact
     from gptserve.service.bench import run_bench
 
-    return run_bench(ensure_artifact(args.artifacts, args.model), args)
+    try:
+        folder = ensure_artifact(args.artifacts, args.model)
+    except ArtifactError as error:
+        return fail(str(error))
+    return run_bench(folder, args)
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
@@ -157,32 +223,40 @@ def add_bench_command(commands) -> None:
 
 def add_service_commands(commands) -> None:
     """serve, client and bench-serve: the gRPC server and its two callers."""
+    from gptserve.export.quantize import PRECISIONS
+    from gptserve.service.server import ServerConfig
+
+    defaults = ServerConfig()
     serve = commands.add_parser("serve", help="serve an artifact over gRPC (exporting --model first if needed)")
     serve.add_argument("--artifacts", help="artifact folder to serve; with --model, exported into it when it is "
                                           "absent or empty")
     serve.add_argument("--model", default=None,
                        help=f"model spec to export and serve (cached under ~/.cache/gptserve; default {DEFAULT_MODEL} "
                             "when no --artifacts is given)")
-    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use TLS and a token)")
-    serve.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="sequences stepped together")
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
-    serve.add_argument("--max-unread-tokens", type=int, default=32,
+    serve.add_argument("--host", default=defaults.host,
+                       help="0.0.0.0 to listen on every interface (use TLS and a token)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
+    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="sequences stepped together")
+    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                       help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
+    serve.add_argument("--max-unread-tokens", type=int, default=defaults.max_unread_tokens,
                        help="a stream whose client has this many tokens unread is paused until it reads")
-    serve.add_argument("--max-paused", type=int, default=None,
+    serve.add_argument("--max-paused", type=int, default=defaults.max_paused,
                        help="paused streams that give up their slots (default: --max-batch-size)")
-    serve.add_argument("--stall-seconds", type=float, default=30.0,
+    serve.add_argument("--stall-seconds", type=float, default=defaults.stall_seconds,
                        help="a stream whose client reads nothing this long is ended (RESOURCE_EXHAUSTED)")
-    serve.add_argument("--prefill-chunk-tokens", type=int, default=512,
+    serve.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
                        help="prompt tokens read per engine step at most (long prompts are read in chunks)")
-    serve.add_argument("--prefill-step-seconds", type=float, default=0.25,
+    serve.add_argument("--prefill-step-seconds", type=float, default=defaults.prefill_step_seconds,
                        help="what a prompt chunk aims to take: the pause running streams see while a prompt is read")
-    serve.add_argument("--default-max-new-tokens", type=int, default=256, help="when a request does not say")
-    serve.add_argument("--max-stop-strings", type=int, default=16)
-    serve.add_argument("--max-message-bytes", type=int, default=1 << 20, help="largest request or response message")
+    serve.add_argument("--default-max-new-tokens", type=int, default=defaults.default_max_new_tokens,
+                       help="when a request does not say")
+    serve.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings)
+    serve.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
+                       help="largest request or response message")
     serve.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    serve.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default=None,
+    serve.add_argument("--precision", choices=PRECISIONS, default=None,
                        help="precision of the export made for --model (default: $GPTSERVE_PRECISION, else fp16 "
                             "on CUDA and fp32 on CPU)")
     serve.add_argument("--device-id", type=int, default=0, help="CUDA device")
@@ -190,10 +264,12 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--tls-cert", help="PEM certificate chain file: serve over TLS (with --tls-key)")
     serve.add_argument("--tls-key", help="PEM private key file")
     serve.add_argument("--auth-token-file", help="require 'authorization: Bearer TOKEN' with the token in this "
-                                                 "file (default: $GPTSERVE_AUTH_TOKEN if set, else no token)")
-    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics HTTP port; 0 = off")
-    serve.add_argument("--metrics-host", default="127.0.0.1")
-    serve.add_argument("--grace-seconds", type=float, default=10.0,
+                                                 "file (default: $GPTSERVE_AUTH_TOKEN if set, else no token); "
+                                                 "an empty or blank token refuses to start")
+    serve.add_argument("--metrics-port", type=int, default=defaults.metrics_port or 0,
+                       help="Prometheus /metrics HTTP port; 0 = off")
+    serve.add_argument("--metrics-host", default=defaults.metrics_host)
+    serve.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
                        help="on SIGTERM/SIGINT, how long streams in flight may take to finish")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=run_serve)
@@ -219,6 +295,8 @@ def add_service_commands(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gptserve.export.quantize import PRECISIONS
+
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT models on ONNX Runtime, served over gRPC.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -234,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the artifact folder to write")
     export.add_argument("--max-context", type=int, default=None, help="cap the context length")
     export.add_argument("--tolerance", type=float, default=1e-4, help="fp32 max abs logits difference allowed")
-    export.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+    export.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="int8/int4: weight-only MatMulNBits for CPU; fp16: for GPUs (certified structurally)")
     export.set_defaults(run=run_export)
 

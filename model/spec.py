@@ -14,10 +14,8 @@ from pathlib import Path
 
 from gptserve.model.checkpoint import CheckpointError, read_gguf, read_hf_folder
 from gptserve.model.config import GPTConfig
-from gptserve.model.fetch import fetch_default_gguf
+from gptserve.model.fetch import DEFAULT_MODEL, fetch_default_gguf
 from gptserve.model.tokenizer import Tokenizer
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,11 @@ onnxruntime-genai all read. No torch here: the server imports this module.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
+import re
+import secrets
 import struct
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +26,9 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 # transformers writes this for "no limit"; anything this large means the folder does not know the context length.
 _UNBOUNDED_LENGTH = int(1e30)
+# Texts this long are encoded through encode_batch, the one call of `tokenizers` that releases the GIL: a long
+# prompt then takes a second of one thread without stopping the others (a server's event loop among them).
+_LONG_TEXT = 4096
 
 
 class TokenizerError(ValueError):
@@ -53,6 +59,14 @@ class Tokenizer:
             index for index, token in backend.get_added_tokens_decoder().items() if token.special
         )
         self._compiled_template: jinja2.Template | None = None
+        # The same tokenizer reading special-token text as plain text. Made now, not on first use: the copy
+        # holds the GIL for ~0.1 s, which a server would otherwise pay on its event loop's time.
+        self._literal = Backend.from_str(backend.to_str())
+        self._literal.encode_special_tokens = True
+        # Characters of the longest token as the vocabulary spells it. Byte-level vocabularies spell one character
+        # per byte and SentencePiece ones one per character, so no token stands for more characters of text than
+        # this: a text longer than `n * longest_token_characters` is more than `n` tokens.
+        self.longest_token_characters = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
     # Loading and saving ---------------------------------------------------------------------------------------
 
@@ -175,9 +189,18 @@ class Tokenizer:
 
     # Encoding and decoding ------------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids for `text`; with `add_special_tokens`, BOS first where the model asks for it."""
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, parse_special_tokens: bool = True) -> list[int]:
+        """Token ids for `text`; with `add_special_tokens`, BOS first where the model asks for it. With
+        `parse_special_tokens` (transformers' default, for trusted text) special-token text such as
+        "<|im_end|>" becomes that control token; without, it is encoded as the plain text it is."""
+        return self._encode(text, add_special_tokens, parse_special_tokens).ids
+
+    def _encode(self, text: str, add_special_tokens: bool, parse_special_tokens: bool):
+        backend = self._backend if parse_special_tokens else self._literal
+        if len(text) < _LONG_TEXT:
+            return backend.encode(text, add_special_tokens=add_special_tokens)
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0]
+
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -231,6 +254,68 @@ class Tokenizer:
             )
         except jinja2.TemplateError as error:
             raise TokenizerError(f"chat template: {error}") from error
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
+        """The prompt for `messages` and its token ids, in which control tokens come from the template only:
+        special-token text inside a message's content is encoded as text, so no message can write a turn of its
+        own. A chat without such text gets exactly the ids of encoding the whole prompt."""
+        text, contents = self._render_with_content_spans(messages, add_generation_prompt)
+        encoding = self._encode(text, add_special_tokens=False, parse_special_tokens=True)
+        if not any(self.is_special(index) and _overlaps(offsets, contents)
+                   for index, offsets in zip(encoding.ids, encoding.offsets)):
+            return encoding.ids, text
+        # Cut only at the template's own special tokens and encode everything between them, content included, as
+        # text: what encoding the whole prompt does between special tokens anyway.
+        cuts, template_start = [], 0
+        for content_start, content_end in [*contents, (len(text), len(text))]:
+            cuts += self._special_pattern.finditer(text, template_start, content_start)
+            template_start = content_end
+        ids, position = [], 0
+        for cut in cuts:
+            if cut.start() > position:
+                ids += self._encode(text[position:cut.start()], False, False).ids
+            ids.append(self.token_to_id(cut.group()))
+            position = cut.end()
+        if position < len(text):
+            ids += self._encode(text[position:], False, False).ids
+        return ids, text
+
+    def _render_with_content_spans(self, messages: list[dict], add_generation_prompt: bool):
+        """The rendered chat, and where each message's content lies in it: found by rendering the chat again
+        with a unique marker in place of each content. A template that changes content (other than trimming it)
+        is refused, since its prompt could not be split into the template's text and the messages'."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        marker = f"\ue000{secrets.token_hex(8)}:"
+        marked_messages = [{**message, "content": f"{marker}{index}\ue001"} for index, message in enumerate(messages)]
+        try:
+            marked = self.apply_chat_template(marked_messages, add_generation_prompt)
+        except TokenizerError:  # a template that inspects content may refuse the markers
+            marked = ""
+        pieces = re.split(f"{re.escape(marker)}(\\d+)\ue001", marked)
+        # Templates such as Llama 3's trim each content; any other change is refused.
+        for shape in (str, str.strip):
+            rebuilt, contents, position = [], [], 0
+            for number, piece in enumerate(pieces):
+                if number % 2:  # the odd pieces are the captured message numbers
+                    piece = shape(messages[int(piece)]["content"])
+                    contents.append((position, position + len(piece)))
+                rebuilt.append(piece)
+                position += len(piece)
+            if "".join(rebuilt) == text:
+                return text, contents
+        raise TokenizerError("the chat template rewrites message content, so the content cannot be kept apart "
+                             "from the template's control tokens; send a plain prompt instead")
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern:
+        """Matches any special token's text, the longest first (as the tokenizer's own matcher does)."""
+        texts = sorted((self._backend.id_to_token(index) for index in self._special_ids), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts)) or "(?!)")
+
+
+def _overlaps(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    start, end = span
+    return any(start < other_end and other_start < end for other_start, other_end in spans)
 
 
 # Building a byte-level BPE tokenizer from GGUF metadata -------------------------------------------------------

@@ -1,20 +1,20 @@
 """The edge: protobuf requests checked once and turned into plain dataclasses, and results turned back into
-protobuf. Nothing past this module sees a protobuf message or an unchecked value."""
+protobuf. Nothing past this module sees a protobuf message or an unchecked value; the ranges of sampling and
+stopping values are their dataclasses' own, and this module only maps their errors to INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 
+from google.protobuf.message import DecodeError
+
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.model.generation import FinishReason, StoppingParams, TokenEvent
-from gptserve.model.sampling import SamplingParams
+from gptserve.model.sampling import ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
-from gptserve.service.errors import InvalidRequest
+from gptserve.service.errors import InvalidRequest, clip
 
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 10.0
-MAX_STOP_LENGTH = 256  # characters of one stop string
 MAX_REQUEST_ID_LENGTH = 128
 
 
@@ -24,8 +24,11 @@ class Limits:
 
     context_length: int
     vocab_size: int
-    default_max_new_tokens: int = 256
-    max_stop_strings: int = 16
+    default_max_new_tokens: int
+    max_stop_strings: int
+    # A text longer than this cannot fit in the context (context_length times the longest token's characters):
+    # refused on its length alone, before any time goes into tokenizing it.
+    max_prompt_characters: int
 
 
 @dataclass(frozen=True)
@@ -39,10 +42,21 @@ class GenerationRequest:
     return_logprobs: bool = False
 
 
+def read_message(kind: type, data: bytes):
+    """A request message of type `kind` from its bytes as they came off the wire."""
+    try:
+        return kind.FromString(data)
+    except DecodeError as error:
+        raise InvalidRequest(f"request: not a valid {kind.DESCRIPTOR.name} message (malformed protobuf, or a "
+                             "string field that is not UTF-8)") from error
+
+
 def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
+    """Cheap checks first: the prompt is tokenized only once everything else is known to be good."""
     if len(message.request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequest(f"request_id: {len(message.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
-    prompt_ids, _ = parse_input(message, tokenizer, limits.vocab_size)
+    sampling = parse_sampling(message.sampling)
+    prompt_ids, _ = parse_input(message, tokenizer, limits)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
         raise InvalidRequest(f"input: {len(prompt_ids)} prompt tokens; at most {limits.context_length - 1} fit in the "
@@ -50,66 +64,73 @@ def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, li
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex[:16],
         prompt_ids=tuple(prompt_ids),
-        sampling=parse_sampling(message.sampling),
+        sampling=sampling,
         stopping=parse_stopping(message.stopping, len(prompt_ids), limits),
         return_logprobs=message.return_logprobs,
     )
 
 
 def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tokenizer,
-                vocab_size: int) -> tuple[list[int], str | None]:
+                limits: Limits) -> tuple[list[int], str | None]:
     """The prompt's token ids, and the text they were encoded from (None for ids sent as ids)."""
     kind = message.WhichOneof("input")
     if kind is None:
         names = " or ".join(field.name for field in message.DESCRIPTOR.oneofs_by_name["input"].fields)
         raise InvalidRequest(f"input: missing; set one of {names}")
+    if message.parse_special_tokens and kind != "prompt":
+        raise InvalidRequest(f"parse_special_tokens: applies to a prompt only, not to {kind} (chat content is "
+                             "always plain text)")
     if kind == "prompt":
         if not message.prompt:
             raise InvalidRequest("prompt: empty; send at least one character")
-        return tokenizer.encode(message.prompt), message.prompt
+        _check_fits("prompt", len(message.prompt), limits)
+        return tokenizer.encode(message.prompt, parse_special_tokens=message.parse_special_tokens), message.prompt
     if kind == "messages":
-        text = render_chat(message.messages.messages, tokenizer)
-        # The template writes the special tokens itself (as transformers' apply_chat_template does).
-        return tokenizer.encode(text, add_special_tokens=False), text
+        return encode_chat(message.messages.messages, tokenizer, limits)
     ids = list(message.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids.ids: empty; send at least one token id")
-    outside = [(index, token) for index, token in enumerate(ids) if not 0 <= token < vocab_size]
+    outside = [(index, token) for index, token in enumerate(ids) if not 0 <= token < limits.vocab_size]
     if outside:
         index, token = outside[0]
         raise InvalidRequest(f"prompt_token_ids.ids[{index}]: {token} is outside the vocabulary; "
-                             f"allowed 0 to {vocab_size - 1}")
+                             f"allowed 0 to {limits.vocab_size - 1}")
     return ids, None
 
 
-def render_chat(messages, tokenizer: Tokenizer) -> str:
+def encode_chat(messages, tokenizer: Tokenizer, limits: Limits) -> tuple[list[int], str]:
+    """The chat's token ids (control tokens from the template only) and the prompt the template rendered."""
     if not messages:
         raise InvalidRequest("messages.messages: empty; send at least one message")
     for index, chat_message in enumerate(messages):
         if chat_message.role not in CHAT_ROLES:
-            raise InvalidRequest(f"messages.messages[{index}].role: {chat_message.role!r} is not a chat role; "
+            raise InvalidRequest(f"messages.messages[{index}].role: {clip(chat_message.role)} is not a chat role; "
                                  f"allowed {', '.join(CHAT_ROLES)}")
+    # The template only adds text around the contents, so their length alone can already be too much.
+    _check_fits("messages", sum(len(chat_message.content) for chat_message in messages), limits)
     try:
-        return tokenizer.apply_chat_template([{"role": item.role, "content": item.content} for item in messages])
-    except TokenizerError as error:  # no template, or the template itself refuses this chat
+        return tokenizer.encode_chat([{"role": item.role, "content": item.content} for item in messages])
+    except TokenizerError as error:  # no template, a template that refuses this chat, or one that rewrites content
         raise InvalidRequest(f"messages: {error}") from error
 
 
+def _check_fits(field: str, characters: int, limits: Limits) -> None:
+    if characters > limits.max_prompt_characters:
+        raise InvalidRequest(f"{field}: {characters} characters; at most {limits.max_prompt_characters} can fit in "
+                             f"the context length {limits.context_length}")
+
+
 def parse_sampling(sampling: pb.SamplingParameters) -> SamplingParams:
-    temperature = _optional(sampling, "temperature", 0.0)
-    if not 0.0 <= temperature <= MAX_TEMPERATURE:  # also refuses NaN
-        raise InvalidRequest(f"sampling.temperature: {temperature:.6g}; allowed 0 (greedy) to {MAX_TEMPERATURE:g}")
-    top_k = _optional(sampling, "top_k", 0)
-    if top_k < 0:
-        raise InvalidRequest(f"sampling.top_k: {top_k}; allowed 0 (no cut) or more")
-    top_p = _optional(sampling, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidRequest(f"sampling.top_p: {top_p:.6g}; allowed (0, 1]")
-    penalty = _optional(sampling, "repetition_penalty", 1.0)
-    if not 0.0 < penalty <= MAX_REPETITION_PENALTY:
-        raise InvalidRequest(f"sampling.repetition_penalty: {penalty:.6g}; allowed (0, {MAX_REPETITION_PENALTY:g}], 1 = off")
-    seed = sampling.seed if sampling.HasField("seed") else None
-    return SamplingParams(float(temperature), int(top_k), float(top_p), float(penalty), seed)
+    try:
+        return SamplingParams(
+            temperature=_optional(sampling, "temperature", 0.0),
+            top_k=_optional(sampling, "top_k", 0),
+            top_p=_optional(sampling, "top_p", 1.0),
+            repetition_penalty=_optional(sampling, "repetition_penalty", 1.0),
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        )
+    except ParameterError as error:
+        raise InvalidRequest(f"sampling.{error}") from error
 
 
 def parse_stopping(stopping: pb.StoppingCriteria, prompt_tokens: int, limits: Limits) -> StoppingParams:
@@ -121,17 +142,15 @@ def parse_stopping(stopping: pb.StoppingCriteria, prompt_tokens: int, limits: Li
                                  f"{limits.context_length} minus {prompt_tokens} prompt tokens)")
     else:
         max_new_tokens = min(limits.default_max_new_tokens, room)
-    stops = list(stopping.stop)
-    if len(stops) > limits.max_stop_strings:
-        raise InvalidRequest(f"stopping.stop: {len(stops)} strings; at most {limits.max_stop_strings}")
-    for index, stop in enumerate(stops):
-        if not 1 <= len(stop) <= MAX_STOP_LENGTH:
-            raise InvalidRequest(f"stopping.stop[{index}]: {len(stop)} characters; allowed 1 to {MAX_STOP_LENGTH}")
-    return StoppingParams(max_new_tokens, tuple(stops), stopping.ignore_eos)
+    if len(stopping.stop) > limits.max_stop_strings:
+        raise InvalidRequest(f"stopping.stop: {len(stopping.stop)} strings; at most {limits.max_stop_strings}")
+    try:
+        return StoppingParams(max_new_tokens, tuple(stopping.stop), stopping.ignore_eos)
+    except ParameterError as error:
+        raise InvalidRequest(f"stopping.{error}") from error
 
 
 def _optional(message, name: str, default):
-    # Every range check above is written so that NaN and infinities fail it too.
     return getattr(message, name) if message.HasField(name) else default
 
 

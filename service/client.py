@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
+from gptserve.service.errors import ConfigError
 
 TOKEN_ENVIRONMENT = "GPTSERVE_AUTH_TOKEN"
 FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
@@ -33,11 +34,14 @@ def build_request(
     stop: list[str] | tuple[str, ...] = (),
     ignore_eos: bool = False,
     return_logprobs: bool = False,
+    parse_special_tokens: bool = False,
 ) -> pb.GenerateRequest:
-    """A GenerateRequest from plain values; None leaves a field unset (the server's default)."""
+    """A GenerateRequest from plain values; None leaves a field unset (the server's default).
+    `parse_special_tokens`: a trusted prompt's special-token text becomes control tokens (else it is text)."""
     if sum(value is not None for value in (prompt, messages, prompt_token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or prompt_token_ids")
-    request = pb.GenerateRequest(request_id=request_id, return_logprobs=return_logprobs)
+    request = pb.GenerateRequest(request_id=request_id, return_logprobs=return_logprobs,
+                                 parse_special_tokens=parse_special_tokens)
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:
@@ -79,8 +83,9 @@ class GenerationClient:
     def generate(self, prompt: str | None = None, **options) -> pb.GenerateResponse:
         return self.stub.Generate(build_request(prompt, **options), timeout=self.timeout, metadata=self.metadata)
 
-    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest()
+    def tokenize(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                 parse_special_tokens: bool = False) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(parse_special_tokens=parse_special_tokens)
         if messages is not None:
             request.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
         else:
@@ -114,10 +119,22 @@ class GenerationClient:
 
 
 def read_token(token_file: str | None) -> str | None:
-    """From a file (kept out of the process list and shell history), else from $GPTSERVE_AUTH_TOKEN."""
+    """From a file (kept out of the process list and shell history), else from $GPTSERVE_AUTH_TOKEN; None for
+    no token. A blank one is refused, never taken for "no token": authentication does not fail open. (An empty
+    $GPTSERVE_AUTH_TOKEN counts as unset, as docker compose passes a variable nobody set.)"""
     if token_file:
-        return Path(token_file).read_text().strip()
-    return os.environ.get(TOKEN_ENVIRONMENT) or None
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("auth_token", f"cannot read {token_file}: "
+                                            f"{getattr(error, 'strerror', None) or error}") from error
+        if not token:
+            raise ConfigError("auth_token", f"{token_file} is empty (or only whitespace): no token to check")
+        return token
+    token = os.environ.get(TOKEN_ENVIRONMENT, "")
+    if token and not token.strip():
+        raise ConfigError(TOKEN_ENVIRONMENT, "empty but for whitespace; set a token, or unset it for none")
+    return token.strip() or None
 
 
 def run_client(args) -> int:
@@ -127,6 +144,8 @@ def run_client(args) -> int:
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
     )
+    if args.parse_special_tokens:
+        options["parse_special_tokens"] = True
     if args.chat:
         options["messages"] = [{"role": "user", "content": args.prompt}]
     else:

@@ -14,9 +14,10 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +30,10 @@ from gptserve.export.artifact import format_report
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
 from gptserve.service.api import (
-    FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, tokens_to_proto, usage_to_proto,
+    FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, read_message, tokens_to_proto,
+    usage_to_proto,
 )
-from gptserve.service.errors import NotServing, StalledReader, Unauthenticated, status_for
+from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, RequestHandle, Scheduler
 
@@ -43,28 +45,49 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 DEADLINE_SLACK_SECONDS = 0.1
 
 
+def setting(default, minimum: float, maximum: float = math.inf):
+    """A numeric ServerConfig field and its allowed range, which the config checks itself."""
+    return field(default=default, metadata={"range": (minimum, maximum)})
+
+
 @dataclass(frozen=True)
 class ServerConfig:
+    """Every server setting and its default, once: `gptserve serve`'s flags take their defaults from here."""
+
     host: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    max_batch_size: int = 8
-    max_queue: int = 64
+    port: int = setting(50051, 0, 65535)  # 0 picks a free port
+    max_batch_size: int = setting(8, 1)
+    max_queue: int = setting(64, 0)
     # A stream whose client has this many tokens unread (not yet written) is paused (service/scheduler.py); up to
     # max_paused paused streams give up their slots (None: as many as max_batch_size).
-    max_unread_tokens: int = 32
-    max_paused: int | None = None
-    stall_seconds: float = 30.0  # a stream whose writes make no progress this long is ended
-    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS  # prompt tokens per engine iteration at most (chunked prefill)
-    prefill_step_seconds: float = PREFILL_STEP_SECONDS  # what a prompt chunk aims to take
-    default_max_new_tokens: int = 256
-    max_stop_strings: int = 16
-    max_message_bytes: int = 1 << 20  # of one request or response message
+    max_unread_tokens: int = setting(32, 1)
+    max_paused: int | None = setting(None, 0)
+    stall_seconds: float = setting(30.0, 0.001)  # a stream whose writes make no progress this long is ended
+    prefill_chunk_tokens: int = setting(PREFILL_CHUNK_TOKENS, 1)  # prompt tokens per engine iteration at most
+    prefill_step_seconds: float = setting(PREFILL_STEP_SECONDS, 0.001)  # what a prompt chunk aims to take
+    default_max_new_tokens: int = setting(256, 1)
+    max_stop_strings: int = setting(16, 0)
+    max_message_bytes: int = setting(1 << 20, 1)  # of one request or response message
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     auth_token: str | None = None
-    metrics_port: int | None = None  # None: no metrics endpoint; 0 picks a free port
+    metrics_port: int | None = setting(None, 0, 65535)  # None: no metrics endpoint; 0 picks a free port
     metrics_host: str = "127.0.0.1"
-    grace_seconds: float = 10.0  # streams in flight get this long to finish on shutdown
+    grace_seconds: float = setting(10.0, 0.0)  # streams in flight get this long to finish on shutdown
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value, allowed = getattr(self, item.name), item.metadata.get("range")
+            if allowed is not None and value is not None and not allowed[0] <= value <= allowed[1]:  # NaN too
+                low, high = allowed
+                raise ConfigError(item.name, f"{value}; allowed {low} or more" if high == math.inf
+                                  else f"{value}; allowed {low} to {high}")
+        # Authentication never fails open: a token that is there must be a token.
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ConfigError("auth_token", "empty; give a token, or none to serve without one")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file" if self.tls_key_file else "tls_key_file",
+                              "TLS needs both a certificate file and a key file")
 
 
 @dataclass
@@ -89,7 +112,10 @@ class _Call:
 
 
 class GenerationServicer(pb_grpc.TextGenerationServicer):
-    """Protobuf in, checked request to the scheduler, tokens back out. No generation logic lives here."""
+    """Protobuf in, checked request to the scheduler, tokens back out. No generation logic lives here.
+
+    Requests arrive as their raw bytes (see `add_generation_service`) and are parsed here, after the token check
+    and inside the call's error handling; parsing and tokenizing run off the event loop."""
 
     def __init__(self, metrics: Metrics, config: ServerConfig) -> None:
         self.metrics, self.config = metrics, config
@@ -166,10 +192,11 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             self.metrics.request_duration.observe(timings.total)
         request_log.info(json.dumps(fields))
 
-    async def Generate(self, message: pb.GenerateRequest, context) -> pb.GenerateResponse:
+    async def Generate(self, data: bytes, context) -> pb.GenerateResponse:
         async with self._rpc("Generate", context) as call:
             backend = self._ready()
-            call.request = request = parse_generate_request(message, backend.engine.tokenizer, backend.limits)
+            call.request = request = await asyncio.to_thread(
+                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer, backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
             async for _ in handle.updates():
                 pass
@@ -182,10 +209,11 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 logprobs=sequence.logprobs if request.return_logprobs else [],
             )
 
-    async def GenerateStream(self, message: pb.GenerateRequest, context) -> None:
+    async def GenerateStream(self, data: bytes, context) -> None:
         async with self._rpc("GenerateStream", context) as call:
             backend = self._ready()
-            call.request = request = parse_generate_request(message, backend.engine.tokenizer, backend.limits)
+            call.request = request = await asyncio.to_thread(
+                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer, backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
             # Every token that arrived while the previous message was being written goes out in one message, so a
             # slow reader gets fewer, larger messages; its tokens count as unread until their write completes.
@@ -203,14 +231,16 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                     raise StalledReader(f"the client read nothing for {self.config.stall_seconds:g} s "
                                         "(--stall-seconds); the stream was ended") from None
 
-    async def Tokenize(self, message: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+    async def Tokenize(self, data: bytes, context) -> pb.TokenizeResponse:
         async with self._rpc("Tokenize", context):
             backend = self._ready()
-            ids, text = parse_input(message, backend.engine.tokenizer, backend.limits.vocab_size)
+            ids, text = await asyncio.to_thread(
+                parse_input, read_message(pb.TokenizeRequest, data), backend.engine.tokenizer, backend.limits)
             return pb.TokenizeResponse(token_ids=ids, rendered_prompt=text)
 
-    async def GetModelInfo(self, message: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+    async def GetModelInfo(self, data: bytes, context) -> pb.ModelInfo:
         async with self._rpc("GetModelInfo", context):
+            read_message(pb.GetModelInfoRequest, data)
             backend = self._ready()
             engine, scheduler, manifest = backend.engine, backend.scheduler, backend.engine.manifest
             return pb.ModelInfo(
@@ -231,8 +261,22 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             )
 
 
+def add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """Registers the TextGeneration methods with no request deserializer: gRPC hands the servicer the request's
+    bytes, so a malformed message is the servicer's INVALID_ARGUMENT (not a traceback in gRPC's own code), and
+    a request refused for its token is never parsed at all."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["TextGeneration"].methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        response = getattr(pb, method.output_type.name)
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=None,
+                                     response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every RPC but health checks unless its metadata carries `authorization: Bearer TOKEN`."""
+    """Refuses every RPC but health checks unless its metadata carries `authorization: Bearer TOKEN`. The check
+    comes before the request is parsed: the refusal reads nothing of it."""
 
     def __init__(self, token: str, metrics: Metrics) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -252,7 +296,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only fails with `error`'s status."""
+    """A handler of the same kind as `handler` that only fails with `error`'s status, without deserializing the
+    request (an unauthenticated caller's bytes are never parsed)."""
     code, message = status_for(error)
 
     async def refuse(request, context):
@@ -262,8 +307,7 @@ def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethod
         await context.abort(code, message)
         yield  # never reached; makes this an async generator, as streaming handlers are
 
-    serialization = {"request_deserializer": handler.request_deserializer,
-                     "response_serializer": handler.response_serializer}
+    serialization = {"request_deserializer": None, "response_serializer": None}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(refuse_stream, **serialization)
     if handler.request_streaming:
@@ -306,18 +350,19 @@ class GenerationServer:
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared port
         ])
-        pb_grpc.add_TextGenerationServicer_to_server(self.servicer, self.server)
+        add_generation_service(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection([SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME], self.server)
         address = f"{config.host}:{config.port}"
-        if config.tls_cert_file or config.tls_key_file:
-            if not (config.tls_cert_file and config.tls_key_file):
-                raise ValueError("TLS needs both a certificate file and a key file")
-            credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if config.tls_cert_file:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError as error:  # gRPC says only "Failed to bind"; service/startup.py says why, up front
+            raise ConfigError("port", f"cannot listen on {address}") from error
         await self.server.start()
         if config.metrics_port is not None:
             self._metrics_http = self.metrics.serve_http(config.metrics_port, config.metrics_host)
@@ -326,12 +371,12 @@ class GenerationServer:
 
     async def _load(self) -> None:
         config = self.config
-        engine = await asyncio.to_thread(self.load_engine)  # seconds of file hashing and the canary
+        engine = await _on_daemon_thread(self.load_engine)  # seconds of file hashing and the canary
         scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens,
                               config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
-                        config.max_stop_strings)
+                        config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters)
         self.servicer.backend = Backend(engine, scheduler, limits)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -366,17 +411,40 @@ class GenerationServer:
             self._metrics_http.server_close()
 
 
+async def _on_daemon_thread(function: Callable[[], object]):
+    """`function()` on a daemon thread of its own. asyncio.to_thread's executor is joined when asyncio.run ends,
+    so a SIGTERM during a long model load would wait for the load; nothing waits for a daemon thread."""
+    loop = asyncio.get_running_loop()
+    outcome = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not outcome.done():  # the load was cancelled meanwhile
+            outcome.set_exception(error) if error is not None else outcome.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = function(), None
+        except BaseException as caught:
+            result, error = None, caught
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits for this any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="gptserve-load", daemon=True).start()
+    return await outcome
+
+
 async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
     """The `gptserve serve` process: runs until SIGTERM or SIGINT, then shuts down gracefully. Its exit status."""
     server = GenerationServer(config, load_engine)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # Before the server starts: a signal the moment it listens is already a graceful stop.
+    for signal_number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signal_number, stopping.set)
     await server.start()
     scheme = "grpcs" if config.tls_cert_file else "grpc"
     log.info("listening on %s://%s:%d (NOT_SERVING until the model is loaded)%s", scheme, config.host, server.port,
              f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signal_number, stopping.set)
     stop_requested = asyncio.create_task(stopping.wait())
     await asyncio.wait([server._loading, stop_requested], return_when=asyncio.FIRST_COMPLETED)
     if server._loading.done() and server._loading.exception() is not None:

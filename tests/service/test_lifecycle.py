@@ -125,3 +125,84 @@ def test_serve_command_client_command_metrics_and_sigterm(tiny_artifact):
     assert line["code"] == "OK" and line["completion_tokens"] == 6 and line["finish_reason"] == "length"
     assert {"request_id", "prompt_tokens", "ttft_s", "total_s", "queue_s"} <= set(line)
     assert "shutting down" in log
+
+
+# Start-up mistakes: one line on stderr and a non-zero exit, before anything is loaded --------------------------
+
+
+@pytest.fixture
+def nothing_to_load(tmp_path) -> list[str]:
+    """Arguments under which reaching the model at all would fail loudly: no artifact, no such model file."""
+    return ["--artifacts", str(tmp_path / "no-artifact"), "--model", str(tmp_path / "no-model.gguf")]
+
+
+def refusal(*arguments: str, environment: dict | None = None) -> str:
+    """The one line a `gptserve serve` that must not start writes, checked to be one line with a non-zero exit."""
+    done = subprocess.run(gptserve("serve", *arguments), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "GPTSERVE_AUTH_TOKEN": "", **(environment or {})})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_start_up_mistakes_are_one_line_each(nothing_to_load, tmp_path, tls_files):
+    cert, key = tls_files
+    port = str(free_port())
+    missing = str(tmp_path / "missing.pem")
+    assert "--auth-token-file" in refusal(*nothing_to_load, "--port", port, "--auth-token-file", missing)
+    assert "--tls-cert" in refusal(*nothing_to_load, "--port", port, "--tls-cert", missing, "--tls-key", str(key))
+    assert "--tls-key" in refusal(*nothing_to_load, "--port", port, "--tls-cert", str(cert), "--tls-key", missing)
+    assert "both" in refusal(*nothing_to_load, "--port", port, "--tls-cert", str(cert))
+    swapped = refusal(*nothing_to_load, "--port", port, "--tls-cert", str(key), "--tls-key", str(cert))
+    assert "--tls-cert" in swapped and "Failed to bind" not in swapped
+    assert "--max-batch-size" in refusal(*nothing_to_load, "--port", port, "--max-batch-size", "0")
+    assert "--max-queue" in refusal(*nothing_to_load, "--port", port, "--max-queue", "-1")
+    assert "--grace-seconds" in refusal(*nothing_to_load, "--port", port, "--grace-seconds", "nan")
+    assert "--threads" in refusal(*nothing_to_load, "--port", port, "--threads", "0")
+
+
+def test_a_port_in_use_is_named(nothing_to_load):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        line = refusal(*nothing_to_load, "--port", port)
+    assert "--port" in line and f"127.0.0.1:{port}: address already in use" in line
+
+
+def test_generate_refuses_out_of_range_values_before_loading(tmp_path):
+    done = subprocess.run(gptserve("generate", "--artifacts", str(tmp_path / "no-artifact"), "--temperature", "-5",
+                                   "Hello"), capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "temperature: -5.0" in lines[0] and "allowed" in lines[0]
+
+
+SERVE_WITH_A_LOAD_THAT_NEVER_ENDS = """
+import asyncio, logging, sys, threading
+from gptserve.service.server import ServerConfig, serve
+logging.basicConfig(level="INFO", format="%(message)s")
+sys.exit(asyncio.run(serve(ServerConfig(port=0), lambda: threading.Event().wait())))
+"""
+
+
+def test_sigterm_while_the_model_loads_exits_at_once():
+    server = subprocess.Popen([sys.executable, "-c", SERVE_WITH_A_LOAD_THAT_NEVER_ENDS], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert "listening on" in server.stderr.readline()
+        server.send_signal(signal.SIGTERM)
+        started = time.perf_counter()
+        assert server.wait(20) == 0
+        assert time.perf_counter() - started < 10
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_serve_flags_take_their_defaults_from_server_config(monkeypatch):
+    from gptserve.cli import build_parser, serve_config
+
+    monkeypatch.delenv("GPTSERVE_AUTH_TOKEN", raising=False)
+    assert serve_config(build_parser().parse_args(["serve"])) == ServerConfig()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import pytest
 
@@ -50,6 +52,10 @@ def bad_requests(context_length: int, vocab_size: int) -> dict[str, tuple[pb.Gen
                                                            f"0 to {vocab_size - 1}"]),
         "negative token id": (ids([-3, 5]), ["prompt_token_ids.ids[0]", "-3", f"0 to {vocab_size - 1}"]),
         "negative temperature": (request_with(sampling__temperature=-0.5), ["sampling.temperature", "-0.5", "0"]),
+        # float32 fields: the value is printed as the client wrote it, not rounded to the bound it passed.
+        "temperature just past the maximum": (request_with(sampling__temperature=100.0001),
+                                              ["sampling.temperature: 100.0001;", "to 100"]),
+        "top_p just past one": (request_with(sampling__top_p=1.0000001), ["sampling.top_p: 1.0000001;", "(0, 1]"]),
         "infinite temperature": (request_with(sampling__temperature=float("inf")), ["sampling.temperature"]),
         "NaN temperature": (request_with(sampling__temperature=float("nan")), ["sampling.temperature"]),
         "top_p zero": (request_with(sampling__top_p=0.0), ["sampling.top_p", "(0, 1]"]),
@@ -128,3 +134,14 @@ def test_seeded_sampling_is_reproducible_and_top_k_one_is_greedy(served):
     assert list(first.token_ids) == list(again.token_ids)
     greedy = client.generate("Hello there", **options)
     assert list(client.generate("Hello there", temperature=0.7, top_k=1, **options).token_ids) == list(greedy.token_ids)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1e-38}, {"temperature": 1e-45},
+                                      {"temperature": 1.0, "repetition_penalty": 1e-45},
+                                      {"repetition_penalty": 1e-45}])
+def test_every_accepted_value_generates_with_finite_logprobs(served, sampling):
+    server, client = served
+    response = client.generate("Hello there Hello there", max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True,
+                               return_logprobs=True, seed=3, **sampling)
+    assert len(response.token_ids) == MAX_NEW_TOKENS
+    assert all(math.isfinite(logprob) for logprob in response.logprobs), list(response.logprobs)
