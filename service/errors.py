@@ -70,15 +70,17 @@ class ConfigError(ValueError):
         self.setting, self.problem = setting, problem
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(error: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
     """The status a failure is reported with. Anything not ours is a bug: logged with its stack, INTERNAL to the
-    client. Every message is cut to MAX_MESSAGE_CHARACTERS, whatever a value in it ran to."""
+    client, who is told the request id to quote. Every message is cut to MAX_MESSAGE_CHARACTERS, whatever a value
+    in it ran to."""
     if isinstance(error, ServiceError):
         return error.code, _shorten(str(error))
     # Its message is clipped, not printed whole: it may quote a user's value.
     log.error("unexpected error while serving a request: %s: %s\n%s", type(error).__name__,
               _shorten(str(error)), "".join(traceback.format_tb(error.__traceback__)).rstrip())
-    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+    which = f" (request {request_id})" if request_id else ""
+    return grpc.StatusCode.INTERNAL, f"engine failure{which}; the details are in the server log"
 
 
 def _shorten(message: str) -> str:

@@ -149,7 +149,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             if context.cancelled():  # a write that was pending when the client left fails: nothing to report
                 call.code = self._why_gone(context)
                 return
-            call.code, call.message = status_for(error)
+            call.code, call.message = status_for(error, call.request.request_id if call.request else None)
             if method == "GenerateStream":  # an abort would wait behind a write its client never takes
                 context.set_code(call.code)
                 context.set_details(call.message)
