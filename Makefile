@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/gptserve/v1/*.proto)
 
-.PHONY: serve test test-deps bench install protos clean
+.PHONY: serve test test-deps lint typecheck bench install protos clean
 
 install: $(INSTALLED)
 
@@ -23,8 +23,19 @@ protos:
 serve: $(INSTALLED)
 	$(BIN)/gptserve serve --model smollm2-135m-instruct --metrics-port 9464
 
-test: test-deps $(INSTALLED)
+test: test-deps lint typecheck
 	$(BIN)/pytest -q
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+
+# mypy reads a tree of links that puts each top-level folder where it installs (gptserve/model -> model, ...):
+# it does not follow pyproject's package-dir.
+typecheck: $(INSTALLED)
+	rm -rf build/typecheck && mkdir -p build/typecheck/gptserve
+	for path in gptserve/*; do ln -s "$$PWD/$$path" build/typecheck/gptserve/; done
+	for folder in model export service bench; do ln -s "$$PWD/$$folder" build/typecheck/gptserve/$$folder; done
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p gptserve
 
 # System packages the tests use: nginx for the load-balancer test (tests/deploy). Installed only where missing,
 # never prompting (CI has no stdin); without root or password-less sudo, or without apt, that test skips instead.
@@ -41,4 +52,4 @@ test-deps:
 	|| echo "test-deps: could not install nginx: the load-balancer test will skip"
 
 clean:
-	rm -rf $(VENV) gptserve/v1
+	rm -rf $(VENV) build gptserve/v1/*_pb2*

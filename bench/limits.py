@@ -32,8 +32,13 @@ def start_server(folder: str, port: int, *flags: str) -> subprocess.Popen:
     server = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--artifacts", folder, "--port", str(port),
                                "--log-level", "warning", *flags])
     with GenerationClient(f"127.0.0.1:{port}") as client:
-        client.wait_until_serving(timeout=600)
-    return server
+        while server.poll() is None:
+            try:
+                client.wait_until_serving(timeout=1)
+                return server
+            except (grpc.FutureTimeoutError, grpc.RpcError):  # not listening, or not serving yet
+                pass
+    raise SystemExit(f"the server exited with status {server.returncode}")
 
 
 def rss_mb(process: subprocess.Popen) -> float:
@@ -138,7 +143,8 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(60)
-    print(f"slow readers: 8 streams stop reading (1 KiB HTTP/2 windows), all paused {figures['pausing_s']:.1f} s later; "
+    print(f"slow readers: 8 streams stop reading (1 KiB HTTP/2 windows), all paused {figures['pausing_s']:.1f} s "
+          "later; "
           f"then a 9th request of 32 tokens took {figures['ninth_s']:.2f} s (idle server: {figures['idle_s']:.2f} s); "
           f"server RSS {figures['rss_before_mb']:.0f} MB before, {figures['rss_paused_mb']:.0f} MB with the 8 paused")
     return 0

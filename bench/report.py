@@ -23,7 +23,7 @@ class Spread:
     high: float
 
     @classmethod
-    def of(cls, values: list[float]) -> "Spread":
+    def of(cls, values: list[float]) -> Spread:
         return cls(statistics.median(values), min(values), max(values))
 
     def format(self, digits: int) -> str:
@@ -48,7 +48,7 @@ def summarise(measurements: list[dict], systems: list[str], ours: set[str], batc
         for batch_size in batch_sizes:
             runs = [item for item in measurements if item["system"] == system and item["batch_size"] == batch_size]
             done = [item for item in runs if "error" not in item]
-            spread = lambda key: Spread.of([item[key] for item in done]) if done else None
+            spread = lambda key, done=done: Spread.of([item[key] for item in done]) if done else None
             rows.append(Row(system, batch_size, system in ours, len(done), len(runs) - len(done),
                             spread("prefill_ms"), spread("decode_tokens_per_second"), spread("peak_rss_mb")))
     return rows

@@ -15,7 +15,14 @@ import torch
 from torch.export import Dim
 
 from gptserve.export.artifact import (
-    FORMAT, GRAPH_FILE, ArtifactError, file_hashes, format_report, genai_config, write_json, write_manifest,
+    FORMAT,
+    GRAPH_FILE,
+    ArtifactError,
+    file_hashes,
+    format_report,
+    genai_config,
+    write_json,
+    write_manifest,
 )
 from gptserve.export.contract import GraphContract, graph_contract, past_names, present_names
 from gptserve.export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs

@@ -6,9 +6,10 @@ would still have counted ~0.2 GB of touched pages.) Torch-free."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 # Field numbers of onnx.proto: ModelProto.graph; GraphProto.node, .initializer; NodeProto.input, .op_type;
 # TensorProto.dims, .name.

@@ -83,7 +83,7 @@ class Manifest:
     canary: Canary | None  # None only where the graph cannot run here (fp16: certified structurally)
 
     @classmethod
-    def from_json(cls, data: dict) -> "Manifest":
+    def from_json(cls, data: dict) -> Manifest:
         return from_json(cls, data)
 
     def to_json(self) -> dict:

@@ -37,7 +37,8 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
 
     sampling, stopping = SamplingParams(), StoppingParams()
     parser.add_argument("prompt", help="the prompt text (or the user message, with --chat)")
-    parser.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a user message through the chat template")
     parser.add_argument("--parse-special-tokens", action="store_true",
                         help="a plain prompt's special-token text (e.g. <|im_start|>) becomes control tokens; "
                              "without, it is text (a chat's control tokens always come from its template)")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -189,7 +189,7 @@ def _gpt2_config(hf: dict, source: str) -> GPTConfig:
 
 
 def _gpt2_state_dict(config: GPTConfig, source: _Source) -> StateDict:
-    C, I = config.n_embd, config.intermediate_size
+    C, I = config.n_embd, config.intermediate_size  # noqa: E741 (I: the MLP width, as the shape comments name it)
 
     def take_conv1d(name: str, in_features: int, out_features: int) -> torch.Tensor:
         # GPT-2's Conv1D stores its weight as (in, out); nn.Linear wants (out, in).
@@ -262,7 +262,7 @@ def _llama_config(hf: dict, source: str) -> GPTConfig:
 
 def _llama_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
     """Per block: our name, the Hugging Face name, the GGUF name, and the shape (nn.Linear's (out, in))."""
-    C, I, D = config.n_embd, config.intermediate_size, config.head_dim
+    C, I, D = config.n_embd, config.intermediate_size, config.head_dim  # noqa: E741 (the MLP width)
     H, KV = config.n_head, config.kv_heads
     return [
         ("norm_1.weight", "input_layernorm.weight", "attn_norm.weight", (C,)),

@@ -7,7 +7,7 @@ a short window of recent tokens and releases text only once it ends on a whole c
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from tokenizers.decoders import DecodeStream
 

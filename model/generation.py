@@ -4,8 +4,9 @@ over any step function, so the eager model and the ONNX engine run the very same
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

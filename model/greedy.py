@@ -3,7 +3,7 @@ canary, the engine's start-up check of it and the benchmarks all run this one lo
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -31,7 +31,7 @@ class Pretrained:
 
         return load_gpt(self.config, self.state_dict)
 
-    def with_context_length(self, context_length: int) -> "Pretrained":
+    def with_context_length(self, context_length: int) -> Pretrained:
         """The same model limited to its first `context_length` positions (never more than it has): a learned
         position table keeps that many rows, so the built model is exactly what its config says."""
         context_length = min(context_length, self.config.context_length)

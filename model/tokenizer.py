@@ -12,9 +12,10 @@ import mmap
 import re
 import secrets
 import struct
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jinja2
 import jinja2.ext

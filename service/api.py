@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.model.generation import FinishReason, StoppingParams, TokenEvent
 from gptserve.model.sampling import ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from gptserve.service.errors import InvalidRequest, clip
+from gptserve.v1 import generation_pb2 as pb
 
 MAX_REQUEST_ID_LENGTH = 128
 

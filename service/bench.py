@@ -92,7 +92,8 @@ def bench_engine_loop(engine, rounds: int, max_new_tokens: int) -> Figures:
         ids = engine.tokenizer.encode(prompt_for(0, round_number, 1))
         record = StreamRecord(time.perf_counter(), [])
         sequence = Sequence(engine.tokenizer, ids, SamplingParams(), StoppingParams(max_new_tokens, (), True))
-        generate(engine.step, sequence, on_token=lambda _event: record.arrivals.append(time.perf_counter()))
+        arrived = lambda _event, record=record: record.arrivals.append(time.perf_counter())
+        generate(engine.step, sequence, on_token=arrived)
         records.append(record)
     return summarise("engine", 1, records, time.perf_counter() - started)
 
@@ -123,8 +124,8 @@ async def _scheduler_streams(engine, streams: int, rounds: int, max_new_tokens: 
 async def _grpc_streams(target: str, streams: int, rounds: int, max_new_tokens: int) -> Figures:
     import grpc
 
-    from gptserve.v1 import generation_pb2_grpc as pb_grpc
     from gptserve.service.client import build_request
+    from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
     records: list[StreamRecord] = []
     async with grpc.aio.insecure_channel(target) as channel:

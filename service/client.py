@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gptserve.service.errors import ConfigError
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
-from gptserve.service.errors import ConfigError
 
 TOKEN_ENVIRONMENT = "GPTSERVE_AUTH_TOKEN"
 FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
@@ -45,7 +45,8 @@ def build_request(
     if prompt is not None:
         request.prompt = prompt
     elif messages is not None:
-        request.messages.messages.extend(pb.ChatMessage(role=item["role"], content=item["content"]) for item in messages)
+        request.messages.messages.extend(
+            pb.ChatMessage(role=item["role"], content=item["content"]) for item in messages)
     else:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
     sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -111,7 +112,7 @@ class GenerationClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "GenerationClient":
+    def __enter__(self) -> GenerationClient:
         return self
 
     def __exit__(self, *exc) -> None:

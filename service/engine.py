@@ -58,7 +58,7 @@ class Engine:
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, device_id: int = 0,
-             gpu_mem_limit: int | None = None) -> "Engine":
+             gpu_mem_limit: int | None = None) -> Engine:
         """Verifies every file's sha256, opens the session, checks the manifest against the graph and re-runs the
         start-up canary."""
         folder = Path(folder)

@@ -31,7 +31,8 @@ class Metrics:
                                       "Sequences holding a batch slot (running or paused for a slow reader)", **options)
         self.batch_size = Histogram("gptserve_batch_size", "Sequences stepped together per decode step",
                                     buckets=BATCH_BUCKETS, **options)
-        self.prefill_batch_size = Histogram("gptserve_prefill_batch_size", "Prompts (or chunks of one) prefilled together per pass",
+        self.prefill_batch_size = Histogram("gptserve_prefill_batch_size",
+                                            "Prompts (or chunks of one) prefilled together per pass",
                                             buckets=BATCH_BUCKETS, **options)
         self.paused_sequences = Counter("gptserve_paused_sequences",
                                         "Times a sequence was paused because its client read too slowly", **options)

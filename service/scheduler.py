@@ -30,9 +30,10 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
+from collections.abc import AsyncIterator
 from collections.abc import Sequence as Prompt
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 import numpy as np
 

@@ -17,9 +17,9 @@ import logging
 import math
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,15 +27,21 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gptserve.export.artifact import format_report
-from gptserve.v1 import generation_pb2 as pb
-from gptserve.v1 import generation_pb2_grpc as pb_grpc
 from gptserve.service.api import (
-    FINISH_REASONS, GenerationRequest, Limits, parse_generate_request, parse_input, read_message, tokens_to_proto,
+    FINISH_REASONS,
+    GenerationRequest,
+    Limits,
+    parse_generate_request,
+    parse_input,
+    read_message,
+    tokens_to_proto,
     usage_to_proto,
 )
 from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, RequestHandle, Scheduler
+from gptserve.v1 import generation_pb2 as pb
+from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gptserve.server")
 request_log = logging.getLogger("gptserve.requests")
@@ -196,7 +202,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         async with self._rpc("Generate", context) as call:
             backend = self._ready()
             call.request = request = await asyncio.to_thread(
-                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer, backend.limits)
+                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
+                backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
             async for _ in handle.updates():
                 pass
@@ -213,7 +220,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         async with self._rpc("GenerateStream", context) as call:
             backend = self._ready()
             call.request = request = await asyncio.to_thread(
-                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer, backend.limits)
+                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
+                backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
             # Every token that arrived while the previous message was being written goes out in one message, so a
             # slow reader gets fewer, larger messages; its tokens count as unread until their write completes.
@@ -481,7 +489,7 @@ class BackgroundServer:
     def _run(self, coroutine, timeout: float | None = None):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def start(self, timeout: float = 300.0, wait_ready: bool = True) -> "BackgroundServer":
+    def start(self, timeout: float = 300.0, wait_ready: bool = True) -> BackgroundServer:
         """Listening on return; with `wait_ready`, also serving (or raising what loading the model raised)."""
         self._thread.start()
         self._run(self.server.start(), timeout)
@@ -499,7 +507,7 @@ class BackgroundServer:
             self._thread.join()
             self.loop.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> BackgroundServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

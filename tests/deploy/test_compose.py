@@ -12,7 +12,14 @@ import pytest
 
 from gptserve.cli import build_parser
 from tests.deploy.support import (
-    COMPOSE_FILE, DOCKERFILE, NGINX_TEMPLATE, REPO, TLS_OVERLAY, compose_variables, load_compose, parse_dockerfile,
+    COMPOSE_FILE,
+    DOCKERFILE,
+    NGINX_TEMPLATE,
+    REPO,
+    TLS_OVERLAY,
+    compose_variables,
+    load_compose,
+    parse_dockerfile,
     template_placeholders,
 )
 

@@ -17,7 +17,13 @@ import pytest
 
 from gptserve.cli import build_parser
 from tests.deploy.support import (
-    COMPOSE_FILE, DOCKERFILE, REPO, dockerignore_patterns, in_build_context, load_compose, parse_dockerfile,
+    COMPOSE_FILE,
+    DOCKERFILE,
+    REPO,
+    dockerignore_patterns,
+    in_build_context,
+    load_compose,
+    parse_dockerfile,
 )
 
 RUN_TARGETS = ("cpu", "gpu", "export")

@@ -22,8 +22,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.service.client import GenerationClient
+from gptserve.v1 import generation_pb2 as pb
 from tests.deploy.support import HEALTHCHECK, NGINX_TEMPLATE, NGINX_TLS_CONF, REPO, render_template
 
 TOKEN = "deploy-test-token"

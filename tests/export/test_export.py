@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from gptserve.export.artifact import ArtifactError, read_manifest

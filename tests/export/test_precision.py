@@ -55,7 +55,8 @@ def test_weight_only_quantization_is_certified_on_quality(precision, tiny_llama,
     assert manifest.quantization["embedding"] == "fp32"
     engine = Engine.load(out)
     prompt = engine.tokenizer.encode("Once upon a time")
-    tokens = generate(engine.step, Sequence(engine.tokenizer, prompt, stopping=StoppingParams(8, ignore_eos=True))).token_ids
+    sequence = Sequence(engine.tokenizer, prompt, stopping=StoppingParams(8, ignore_eos=True))
+    tokens = generate(engine.step, sequence).token_ids
     assert len(tokens) == 8
 
 

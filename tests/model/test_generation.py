@@ -78,7 +78,8 @@ def test_sequence_ends_on_eos_unless_ignored(tokenizer):
     eos = tokenizer.eos_token_ids[0]
     text_ids = tokenizer.encode("Hi there", add_special_tokens=False)
     for ignore_eos, reason in ((False, FinishReason.EOS), (True, FinishReason.LENGTH)):
-        sequence = Sequence(tokenizer, [1], stopping=StoppingParams(max_new_tokens=len(text_ids) + 2, ignore_eos=ignore_eos))
+        stopping = StoppingParams(max_new_tokens=len(text_ids) + 2, ignore_eos=ignore_eos)
+        sequence = Sequence(tokenizer, [1], stopping=stopping)
         for logits in scripted_logits(tokenizer.vocab_size, text_ids + [eos, eos]):
             if not sequence.finished:
                 sequence.step(logits)

@@ -6,7 +6,11 @@ import pytest
 
 from gptserve.model.generation import StoppingParams
 from gptserve.model.sampling import (
-    MAX_REPETITION_PENALTY, MAX_TEMPERATURE, ParameterError, Sampler, SamplingParams,
+    MAX_REPETITION_PENALTY,
+    MAX_TEMPERATURE,
+    ParameterError,
+    Sampler,
+    SamplingParams,
 )
 
 LOGITS = np.log(np.array([0.05, 0.1, 0.5, 0.3, 0.05], dtype=np.float32))

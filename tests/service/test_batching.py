@@ -9,12 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.model.generation import StoppingParams
 from gptserve.model.sampling import SamplingParams
 from gptserve.service.api import GenerationRequest
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import Scheduler
+from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import collect, running_server, solo_greedy, wait_for
 
 PROMPTS = [
@@ -76,7 +76,8 @@ def test_sixteen_concurrent_streams_equal_their_solo_runs(served, default_engine
     info = client.model_info()
     assert info.active_sequences == 0 and info.queued_requests == 0
     metrics = server.metrics
-    wait_for(lambda: metrics.value("gptserve_requests_total", {"method": "GenerateStream", "code": "OK"}) == len(PROMPTS))
+    finished = {"method": "GenerateStream", "code": "OK"}
+    wait_for(lambda: metrics.value("gptserve_requests_total", finished) == len(PROMPTS))
     assert metrics.value("gptserve_generated_tokens_total") == generated
     assert metrics.value("gptserve_time_to_first_token_seconds_count") == len(PROMPTS)
     assert metrics.value("gptserve_inter_token_latency_seconds_count") == generated - len(PROMPTS)

@@ -19,7 +19,7 @@ def test_decode_steps_append_in_place_and_equal_a_plain_run(tiny_engine):
     np.testing.assert_allclose(logits, plain_logits[[0, 1], lengths - 1], atol=1e-6)
 
     buffers = None
-    for step in range(4):
+    for _ in range(4):
         tokens = logits.argmax(-1)[:, None]  # (B, 1)
         lengths += 1
         attention_mask = ragged_mask(lengths)

@@ -18,9 +18,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.service.client import GenerationClient
 from gptserve.service.server import BackgroundServer, ServerConfig
+from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import wait_for
 
 

@@ -10,10 +10,10 @@ import sys
 import grpc
 import pytest
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.service.client import TOKEN_ENVIRONMENT, GenerationClient, read_token
 from gptserve.service.errors import ConfigError
 from gptserve.service.server import ServerConfig
+from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import running_server
 
 TOKEN = "s3cret-token"

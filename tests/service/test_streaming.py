@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.model.sampling import SamplingParams
+from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import collect, running_server, solo_greedy
 
 MAX_NEW_TOKENS = 12
@@ -58,7 +58,8 @@ def test_chat_stream_equals_the_engine_and_the_eager_model(served, default_engin
     assert text == engine_result.text and "Paris" in text
     assert len(messages) > 1 and all(message.request_id == "france" for message in messages)
     assert all(message.finish_reason == pb.FINISH_REASON_UNSPECIFIED for message in messages[:-1])
-    expected_reason = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS}[engine_result.finish_reason.value]
+    reasons = {"length": pb.FINISH_REASON_LENGTH, "eos": pb.FINISH_REASON_EOS}
+    expected_reason = reasons[engine_result.finish_reason.value]
     assert last.finish_reason == expected_reason
     assert last.usage.prompt_tokens == len(prompt_ids) and last.usage.completion_tokens == len(ids)
     timings = last.timings

@@ -7,8 +7,8 @@ import math
 import grpc
 import pytest
 
-from gptserve.v1 import generation_pb2 as pb
 from gptserve.service.client import build_request
+from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import collect, running_server, wait_for
 
 MAX_NEW_TOKENS = 8
@@ -62,12 +62,14 @@ def bad_requests(context_length: int, vocab_size: int) -> dict[str, tuple[pb.Gen
         "top_p above one": (request_with(sampling__top_p=1.5), ["sampling.top_p", "1.5", "(0, 1]"]),
         "negative top_k": (request_with(sampling__top_k=-1), ["sampling.top_k", "-1"]),
         "zero repetition penalty": (request_with(sampling__repetition_penalty=0.0), ["sampling.repetition_penalty"]),
-        "max_new_tokens zero": (request_with(stopping__max_new_tokens=0), ["stopping.max_new_tokens", "0", "allowed 1 to"]),
+        "max_new_tokens zero": (request_with(stopping__max_new_tokens=0),
+                                ["stopping.max_new_tokens", "0", "allowed 1 to"]),
         "max_new_tokens negative": (request_with(stopping__max_new_tokens=-4), ["stopping.max_new_tokens", "-4"]),
         "max_new_tokens past the context": (request_with(stopping__max_new_tokens=context_length),
                                             ["stopping.max_new_tokens", str(context_length), "context length"]),
         "prompt fills the context": (ids([5] * context_length), ["input", str(context_length), "context length"]),
-        "too many stop strings": (request_with(stopping__stop=["a", "b", "c", "d", "e"]), ["stopping.stop", "5", "at most 4"]),
+        "too many stop strings": (request_with(stopping__stop=["a", "b", "c", "d", "e"]),
+                                  ["stopping.stop", "5", "at most 4"]),
         "empty stop string": (request_with(stopping__stop=["ok", ""]), ["stopping.stop[1]", "1 to"]),
         "request id too long": (request_with(request_id="x" * 129), ["request_id", "129", "128"]),
     }
