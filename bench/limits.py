@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -84,7 +85,7 @@ def long_prompt(target: str, prompt_tokens: int) -> tuple[float, float, float]:
 
 def slow_readers(target: str, server: subprocess.Popen, metrics: str) -> dict[str, float]:
     client = GenerationClient(target, timeout=300)
-    request = {"prompt": "The capital of France is", "max_new_tokens": 32, "ignore_eos": True}
+    request: dict[str, Any] = {"prompt": "The capital of France is", "max_new_tokens": 32, "ignore_eos": True}
     started = time.perf_counter()
     client.generate(**request)
     idle = time.perf_counter() - started

@@ -46,7 +46,7 @@ def _make_once(folder: Path, marker: str, description: str, command: list[str]) 
 def write_hf_folder(out: str) -> None:
     """The default GGUF as a Hugging Face folder, dequantized to fp32 by transformers (runs in a child)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from gptserve.model.fetch import fetch_default_gguf
 
@@ -56,7 +56,8 @@ def write_hf_folder(out: str) -> None:
     # into a plain model built from the config without its quantization_config.
     config = copy.deepcopy(loaded.config)
     del config.quantization_config
-    plain = LlamaForCausalLM(config).to(torch.float32)
+    assert isinstance(config, LlamaConfig)  # SmolLM2 is a Llama
+    plain = LlamaForCausalLM(config).to(torch.float32)  # type: ignore[arg-type]  # transformers' @wraps loses self
     plain.load_state_dict(loaded.state_dict(), strict=True)
     plain.save_pretrained(out)
     PreTrainedTokenizerFast.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
@@ -93,7 +94,9 @@ def exporter_fingerprint() -> str:
     code is never measured as today's."""
     digest = hashlib.sha256()
     for package in ("gptserve.export", "gptserve.model"):
-        folder = Path(importlib.util.find_spec(package).submodule_search_locations[0])
+        spec = importlib.util.find_spec(package)
+        assert spec is not None and spec.submodule_search_locations  # our own packages, installed with this one
+        folder = Path(spec.submodule_search_locations[0])
         for path in sorted(folder.rglob("*.py")):
             digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]

@@ -54,7 +54,9 @@ def profile_decode(folder: Path, batch_size: int, context: int, window: int, thr
     assert len(runs) == len(contexts), f"{len(runs)} model_run events for {len(contexts)} runs"
     windows = [(run["ts"], run["ts"] + run["dur"]) for run, total in zip(runs, contexts)
                if context - window <= total < context + window]
-    per_op, per_node, kernels = defaultdict(float), defaultdict(float), 0
+    per_op: defaultdict[str, float] = defaultdict(float)
+    per_node: defaultdict[str, float] = defaultdict(float)
+    kernels = 0
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             if any(start <= event["ts"] <= end for start, end in windows):

@@ -58,6 +58,8 @@ def _ratios(row: Row, baseline: Row | None) -> str:
     """Our decode tok/s over the baseline's, and the baseline's prefill ms over ours: above 1, ours is faster."""
     if not row.ours or not row.runs or baseline is None or not baseline.runs:
         return ""
+    assert row.prefill_ms and row.decode_tokens_per_second  # a row with runs has their spreads
+    assert baseline.prefill_ms and baseline.decode_tokens_per_second
     decode = row.decode_tokens_per_second.median / baseline.decode_tokens_per_second.median
     prefill = baseline.prefill_ms.median / row.prefill_ms.median
     return f"{decode:.2f}x / {prefill:.2f}x"
@@ -71,6 +73,7 @@ def format_table(rows: list[Row]) -> str:
         if not row.runs:
             lines.append(f"{row.system:<14} {row.batch_size:>5}  failed in all {row.failures} processes (see above)")
             continue
+        assert row.prefill_ms and row.decode_tokens_per_second and row.peak_rss_mb  # a row with runs has their spreads
         ratios = "  ".join(f"{name} {ratio}" for name in comparisons(row.system)
                            if (ratio := _ratios(row, by_key.get((name, row.batch_size)))))
         failed = f"  ({row.failures} of {row.runs + row.failures} failed)" if row.failures else ""

@@ -59,9 +59,9 @@ def parse_ours(values: list[str], artifacts: str | None) -> dict[str, str | None
         if name == "eager" or name in BASELINES:
             raise SystemExit(f"--ours {value!r}: {name!r} is already a system")
         ours[name] = folder
-    for name, folder in ours.items():
-        if folder is not None and not (Path(folder) / "manifest.json").is_file():
-            raise SystemExit(f"{name}: {folder} holds no manifest.json; is it a `gptserve export` folder?")
+    for name, path in ours.items():
+        if path is not None and not (Path(path) / "manifest.json").is_file():
+            raise SystemExit(f"{name}: {path} holds no manifest.json; is it a `gptserve export` folder?")
     return ours
 
 

@@ -26,7 +26,7 @@ from gptserve.export.artifact import (
 )
 from gptserve.export.contract import GraphContract, graph_contract, past_names, present_names
 from gptserve.export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
-from gptserve.export.manifest import Canary, Generation, Manifest, ModelDescription, ParityReport
+from gptserve.export.manifest import Canary, Generation, Manifest, ModelDescription, ParityReport, Precision
 from gptserve.export.parity import CANARY_TEXT, certify
 from gptserve.export.quantize import PRECISIONS, convert
 from gptserve.export.runtime import create_session
@@ -63,6 +63,7 @@ def export_graph(model: GPT, path: Path) -> None:
         output_names=["logits", *present_names(config.n_layer)],
     )
     weight_bytes = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    assert program is not None  # the dynamo exporter returns its program
     proto = program.model_proto
     add_logits_to_keep(proto)
     drop_unused_outputs(proto)
@@ -75,7 +76,7 @@ def source_is_quantized(source: Path) -> bool:
     return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)
 
 
-def convert_step(fp32_path: Path, graph_path: Path, precision: str, source: Path) -> dict | None:
+def convert_step(fp32_path: Path, graph_path: Path, precision: Precision, source: Path) -> dict | None:
     """The exported fp32 graph at `precision` in graph_path (the fp32 folder is then removed); the manifest's
     notes on what was quantized (None at fp32, exported in place)."""
     if precision == "fp32":
@@ -99,7 +100,7 @@ def check_structure(path: Path, graph: GraphContract) -> ParityReport:
                         passed=not mismatches)
 
 
-def certify_step(model: GPT, pretrained: Pretrained, graph_path: Path, graph: GraphContract, precision: str,
+def certify_step(model: GPT, pretrained: Pretrained, graph_path: Path, graph: GraphContract, precision: Precision,
                  tolerance: float, criteria: dict | None) -> tuple[ParityReport, Canary | None]:
     """The graph on ONNX Runtime CPU against the eager model (fp16, which needs a GPU: its structure only)."""
     progress("certifying on ONNX Runtime CPU")
@@ -110,7 +111,7 @@ def certify_step(model: GPT, pretrained: Pretrained, graph_path: Path, graph: Gr
     return certify(model, session, graph, precision, tolerance, text_ids, criteria)
 
 
-def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, precision: str,
+def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, precision: Precision,
                quantization: dict | None, report: ParityReport, canary: Canary | None) -> Manifest:
     """The tokenizer, the configs onnxruntime-genai and transformers read, and the manifest over them all."""
     config, tokenizer = pretrained.config, pretrained.tokenizer
@@ -137,7 +138,7 @@ def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, prec
 
 
 def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None,
-                   precision: str = "fp32", criteria: dict | None = None) -> Manifest:
+                   precision: Precision = "fp32", criteria: dict | None = None) -> Manifest:
     """Export, convert, certify, write (each a function above): the artifact goes into `out`, replacing what is
     there, only once it is certified."""
     if precision not in PRECISIONS:
@@ -184,6 +185,6 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None,
-           precision: str = "fp32", criteria: dict | None = None) -> Manifest:
+           precision: Precision = "fp32", criteria: dict | None = None) -> Manifest:
     progress(f"loading {spec}")
     return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length, precision, criteria)

@@ -17,6 +17,8 @@ parity certification proves, against the textbook model in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import onnx
@@ -24,16 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptserve.model.gpt import GPT, PastKeyValues, rope_angles
+from gptserve.model.gpt import GPT, Block, PastKeyValues, RMSNorm, rope_angles
 
 MICROSOFT = "com.microsoft::"
 LOGITS_TO_KEEP = "logits_to_keep"
 
 
-def skip_norm(x: torch.Tensor, skip: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def blocks_of(model: GPT) -> Sequence[Block]:
+    return cast("Sequence[Block]", model.blocks)  # torch's stubs: a ModuleList holds plain Modules
+
+
+def skip_norm(x: torch.Tensor, skip: torch.Tensor, norm: RMSNorm | nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """norm(x + skip) and x + skip, in one kernel."""
     rms = not isinstance(norm, nn.LayerNorm)
-    inputs = [x, skip, norm.weight] if rms else [x, skip, norm.weight, norm.bias]
+    inputs = [x, skip, norm.weight, norm.bias] if isinstance(norm, nn.LayerNorm) else [x, skip, norm.weight]
     stats = (*x.shape[:-1], 1)
     normed, _, _, total = torch.onnx.ops.symbolic_multi_out(
         MICROSOFT + ("SkipSimplifiedLayerNormalization" if rms else "SkipLayerNormalization"), inputs,
@@ -47,7 +53,7 @@ class ExportedGPT(nn.Module):
         self.model, self.config = model.eval(), model.config
         config = self.config
         self.H, self.KV, self.D = config.n_head, config.kv_heads, config.head_dim
-        for index, block in enumerate(model.blocks):
+        for index, block in enumerate(blocks_of(model)):
             attention = block.attn
             parts = (attention.q_proj, attention.k_proj, attention.v_proj)
             self.register_buffer(f"qkv_weight_{index}", torch.cat([part.weight for part in parts]), persistent=False)
@@ -63,7 +69,7 @@ class ExportedGPT(nn.Module):
             self.register_buffer("sin_cache", angles.sin(), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: PastKeyValues):
-        model, config = self.model, self.config
+        model, config, blocks = self.model, self.config, blocks_of(self.model)
         T, total = input_ids.shape[1], attention_mask.shape[1]
         seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)  # (B,) each row's last position
         total_length = torch.tensor(total, dtype=torch.int32)  # a scalar tensor, as the kernel wants it
@@ -72,13 +78,13 @@ class ExportedGPT(nn.Module):
         if config.positions == "learned":
             # A prompt's tokens are at 0.., a decode step's token at its row's length (rotary is the kernel's).
             x = x + model.wpe((attention_mask.cumsum(-1) - 1).clamp(min=0)[:, total - T:])
-        residual, hidden = x, model.blocks[0].norm_1(x)
+        residual, hidden = x, blocks[0].norm_1(x)
         presents = []
-        for index, (block, (past_key, past_value)) in enumerate(zip(model.blocks, past_key_values)):
+        for index, (block, (past_key, past_value)) in enumerate(zip(blocks, past_key_values)):
             attended, present = self.attention(index, hidden, seqlens_k, total_length, past_key, past_value)
             presents.append(present)
             hidden, residual = skip_norm(attended, residual, block.norm_2)
-            next_norm = model.blocks[index + 1].norm_1 if index + 1 < len(model.blocks) else model.norm_f
+            next_norm = blocks[index + 1].norm_1 if index + 1 < len(blocks) else model.norm_f
             hidden, residual = skip_norm(block.mlp(hidden), residual, next_norm)
         head = model.wte.weight if config.tie_embeddings else model.lm_head.weight
         return F.linear(hidden, head), tuple(presents)

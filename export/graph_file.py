@@ -39,7 +39,8 @@ def read_structure(path: str | Path) -> GraphStructure:
         if len(graphs) != 1:
             raise ValueError(f"{path}: not an ONNX model (no graph)")
         nodes, initializers = [], {}
-        for number, (start, end) in _fields(data, *graphs[0]):
+        for number, value in _fields(data, *_span(graphs[0])):
+            start, end = _span(value)  # every field of a GraphProto is length-delimited
             if number == GRAPH_NODE:
                 node = data[start:end]  # small: read whole
                 fields = list(_fields(node, 0, len(node)))
@@ -101,6 +102,7 @@ def _varint(data: Bytes, offset: int) -> tuple[int, int]:
 
 def _fields(data: Bytes, start: int, end: int) -> Iterator[tuple[int, int | tuple[int, int]]]:
     """(field number, value) of one message: a varint's value, or a length-delimited field's (start, end)."""
+    value: int | tuple[int, int]
     while start < end:
         key, start = _varint(data, start)
         number, wire_type = key >> 3, key & 7
@@ -118,8 +120,15 @@ def _fields(data: Bytes, start: int, end: int) -> Iterator[tuple[int, int | tupl
         yield number, value
 
 
-def _text(data: Bytes, span: tuple[int, int]) -> str:
-    return data[span[0]:span[1]].decode("utf-8")
+def _span(value: int | tuple[int, int]) -> tuple[int, int]:
+    # onnx.proto's strings and messages are length-delimited; a corrupt file's varint there fails here.
+    assert isinstance(value, tuple), "a varint where onnx.proto has a length-delimited field"
+    return value
+
+
+def _text(data: Bytes, value: int | tuple[int, int]) -> str:
+    start, end = _span(value)
+    return data[start:end].decode("utf-8")
 
 
 def _packed(data: bytes) -> list[int]:

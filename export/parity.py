@@ -13,13 +13,14 @@ judged on the first (and on identical greedy tokens), reduced precisions later o
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gptserve.export.contract import GraphContract, empty_past, feed, ragged_mask
-from gptserve.export.manifest import Canary, ParityCase, ParityReport, Perplexity
+from gptserve.export.manifest import Canary, ParityCase, ParityReport, Perplexity, Precision
 from gptserve.model.gpt import GPT
 from gptserve.model.greedy import greedy_tokens
 
@@ -166,25 +167,25 @@ def perplexity_case(certifier: Certifier) -> Perplexity:
     return Perplexity(CANARY_TEXT.name, ids.shape[1], reference, measured, measured / reference)
 
 
-def certify(model: GPT, session, graph: GraphContract, precision: str, tolerance: float, text_ids: list[int],
-            criteria: dict | None = None) -> tuple[ParityReport, Canary]:
+def certify(model: GPT, session, graph: GraphContract, precision: Precision, tolerance: float, text_ids: list[int],
+            criteria: dict[str, float] | None = None) -> tuple[ParityReport, Canary]:
     """The parity report (passed or not) and the start-up canary, for an fp32, int8 or int4 graph.
     `criteria` overrides the quality thresholds of a reduced precision."""
     certifier = Certifier(model, session, graph, text_ids)
     cases = run_cases(certifier)
-    common = {"precision": precision, "reference": "eager PyTorch float64",
-              "runtime": "onnxruntime CPUExecutionProvider", "cases": tuple(cases), "contract_mismatches": ()}
+    common = functools.partial(ParityReport, precision=precision, reference="eager PyTorch float64",
+                               runtime="onnxruntime CPUExecutionProvider", cases=tuple(cases), contract_mismatches=())
     if precision == "fp32":
-        report = ParityReport(
-            **common, criteria={"max_abs_diff": tolerance, "greedy_match": True}, top1_agreement=None,
+        report = common(
+            criteria={"max_abs_diff": tolerance, "greedy_match": True}, top1_agreement=None,
             perplexity=None,
             passed=all(case.max_abs_diff <= tolerance and case.greedy_match for case in cases))
     else:
         criteria = criteria or QUALITY_CRITERIA[precision]
         agreement = sum(case.top1_agreement * case.positions for case in cases) / sum(case.positions for case in cases)
         perplexity = perplexity_case(certifier)
-        report = ParityReport(
-            **common, criteria=criteria, top1_agreement=agreement, perplexity=perplexity,
+        report = common(
+            criteria=dict(criteria), top1_agreement=agreement, perplexity=perplexity,
             passed=(agreement >= criteria["min_top1_agreement"]
                     and perplexity.ratio <= criteria["max_perplexity_ratio"]))
     return report, onnx_canary(certifier)

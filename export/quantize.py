@@ -20,7 +20,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+from gptserve.export.manifest import Precision
+
+PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8", "int4")
 BLOCK_SIZES = {"int8": 32, "int4": 64}  # weights per scale (see above)
 FREQUENT_TOKENS = 8192  # int4: LM head columns (token ids) that keep 8 bits (see above)
 IR_VERSION = 10  # onnx can write newer IR versions than this onnxruntime reads
@@ -85,17 +87,18 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return convert_float_to_float16(model, keep_io_types=["logits"], disable_shape_infer=True)
 
 
-def convert(fp32_path: Path, out_path: Path, precision: str, source_quantized: bool) -> dict:
+def convert(fp32_path: Path, out_path: Path, precision: Precision, source_quantized: bool) -> dict:
     """Writes the graph at `precision`; returns the manifest's notes on what was quantized."""
     model = onnx.load(str(fp32_path))
     notes = {"embedding": "fp32"}
-    block = BLOCK_SIZES.get(precision)
     if precision == "int8":
+        block = BLOCK_SIZES[precision]
         untie_lm_head(model)
         model = quantize_weights(model, bits=8, block_size=block)
         notes.update(method=f"MatMulNBits weight-only, 8-bit, block {block}, asymmetric",
                      quantized="every MatMul weight (attention, MLP, LM head)", lm_head="8-bit")
     elif precision == "int4":
+        block = BLOCK_SIZES[precision]
         untie_lm_head(model)
         head = [split_lm_head(model, FREQUENT_TOKENS)]
         model = quantize_weights(model, bits=4, block_size=block, nodes_to_exclude=head)
@@ -113,6 +116,6 @@ def convert(fp32_path: Path, out_path: Path, precision: str, source_quantized: b
         notes.update(method="fp16 weights, activations and KV cache", embedding="fp16", lm_head="fp16")
     model.ir_version = min(model.ir_version, IR_VERSION)
     size = sum(np.prod(tensor.dims) * 4 for tensor in model.graph.initializer)
-    onnx.save(model, str(out_path), save_as_external_data=size > (1 << 30),
+    onnx.save(model, str(out_path), save_as_external_data=bool(size > (1 << 30)),
               location=out_path.name + ".data", all_tensors_to_one_file=True)
     return notes

@@ -6,9 +6,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class SchemaError(ValueError):
@@ -71,7 +74,7 @@ def _value(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise SchemaError(f"{where}: expected an object, got {_kind(value)}")
         return {key: _value(arguments[1], item, f"{where}.{key}") for key, item in value.items()}
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
         return from_json(hint, value, where)
     # JSON has one number type and bool is an int to Python: true is no count, and 3 is a fine float.
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -96,4 +99,5 @@ def _kind(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    return {dict: "an object", list: "a list", str: f"the string {value!r}"}.get(type(value), repr(value))
+    kinds: dict[type, str] = {dict: "an object", list: "a list", str: f"the string {value!r}"}
+    return kinds.get(type(value), repr(value))

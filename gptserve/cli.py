@@ -64,7 +64,7 @@ def request_params(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gptserve.model.generation import Sequence, generate
+    from gptserve.model.generation import Sequence, StepFunction, generate
     from gptserve.model.sampling import ParameterError
     from gptserve.model.tokenizer import TokenizerError
 
@@ -74,6 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return fail(str(error))
     if args.chat and args.parse_special_tokens:
         return fail("--parse-special-tokens applies to a plain prompt, not to --chat")
+    step: StepFunction  # the engine's, or the eager model's
     if args.artifacts:
         from gptserve.service.engine import Engine
 

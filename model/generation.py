@@ -157,5 +157,6 @@ def generate(
             on_token(event)
         input_ids = np.array([[event.id]], dtype=np.int64)
         attention_mask = np.ones((1, attention_mask.shape[1] + 1), dtype=np.int64)
+    assert sequence.finish_reason is not None  # the loop ran until the sequence finished
     return GenerationResult(sequence.token_ids, sequence.text, sequence.finish_reason,
                             len(sequence.prompt_ids), sequence.logprobs)

@@ -267,7 +267,8 @@ class Tokenizer:
             return encoding.ids, text
         # Cut only at the template's own special tokens and encode everything between them, content included, as
         # text: what encoding the whole prompt does between special tokens anyway.
-        cuts, template_start = [], 0
+        cuts: list[re.Match[str]] = []
+        template_start = 0
         for content_start, content_end in [*contents, (len(text), len(text))]:
             cuts += self._special_pattern.finditer(text, template_start, content_start)
             template_start = content_end
@@ -310,7 +311,9 @@ class Tokenizer:
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern:
         """Matches any special token's text, the longest first (as the tokenizer's own matcher does)."""
-        texts = sorted((self._backend.id_to_token(index) for index in self._special_ids), key=len, reverse=True)
+        # Each special id is one of the backend's added tokens, so each has its text.
+        tokens = (self._backend.id_to_token(index) for index in self._special_ids)
+        texts = sorted((token for token in tokens if token is not None), key=len, reverse=True)
         return re.compile("|".join(map(re.escape, texts)) or "(?!)")
 
 
@@ -366,7 +369,7 @@ def _byte_level_bpe(
     }
     try:
         pairs = [tuple(merge.split(" ")) for merge in merges]
-        backend = Backend(models.BPE(vocab=vocab, merges=pairs))
+        backend = Backend(models.BPE(vocab=vocab, merges=pairs))  # type: ignore[arg-type]  # BPE checks each is a pair
     except Exception as error:  # tokenizers raises plain Exception on a merge naming an unknown token
         raise TokenizerError(f"{path}: tokenizer.ggml.merges do not fit the vocabulary: {error}") from error
 

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TypeVar
 
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from gptserve.model.generation import FinishReason, StoppingParams, TokenEvent
 from gptserve.model.sampling import ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from gptserve.service.errors import InvalidRequest, clip
 from gptserve.v1 import generation_pb2 as pb
+
+M = TypeVar("M", bound=Message)
 
 MAX_REQUEST_ID_LENGTH = 128
 
@@ -42,7 +45,7 @@ class GenerationRequest:
     return_logprobs: bool = False
 
 
-def read_message(kind: type, data: bytes):
+def read_message(kind: type[M], data: bytes) -> M:
     """A request message of type `kind` from its bytes as they came off the wire."""
     try:
         return kind.FromString(data)
@@ -87,6 +90,7 @@ def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tok
         return tokenizer.encode(message.prompt, parse_special_tokens=message.parse_special_tokens), message.prompt
     if kind == "messages":
         return encode_chat(message.messages.messages, tokenizer, limits)
+    assert isinstance(message, pb.GenerateRequest)  # a TokenizeRequest's input is a prompt or messages only
     ids = list(message.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids.ids: empty; send at least one token id")

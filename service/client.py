@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,6 +18,12 @@ from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
 TOKEN_ENVIRONMENT = "GPTSERVE_AUTH_TOKEN"
 FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
+
+
+class ResponseStream(Iterator[pb.GenerateStreamResponse], Protocol):
+    """A GenerateStream call: its messages as they arrive, and cancel() to end it on the server."""
+
+    def cancel(self) -> bool: ...
 
 
 def build_request(
@@ -49,9 +56,9 @@ def build_request(
             pb.ChatMessage(role=item["role"], content=item["content"]) for item in messages)
     else:
         request.prompt_token_ids.ids.extend(prompt_token_ids)
-    sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                "repetition_penalty": repetition_penalty, "seed": seed}
-    request.sampling.CopyFrom(pb.SamplingParameters(**{k: v for k, v in sampling.items() if v is not None}))
+    # The constructor takes field=None as no field at all: None leaves the field unset.
+    request.sampling.CopyFrom(pb.SamplingParameters(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                    repetition_penalty=repetition_penalty, seed=seed))
     request.stopping.CopyFrom(pb.StoppingCriteria(stop=list(stop), ignore_eos=ignore_eos))
     if max_new_tokens is not None:
         request.stopping.max_new_tokens = max_new_tokens
@@ -64,7 +71,7 @@ class GenerationClient:
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
                  root_certificates: bytes | None = None, tls: bool = False, timeout: float | None = None,
-                 options: list[tuple[str, object]] | None = None) -> None:
+                 options: Sequence[tuple[str, object]] | None = None) -> None:
         if root_certificates is not None or tls:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self.channel = grpc.secure_channel(target, credentials, options=options)
@@ -75,7 +82,7 @@ class GenerationClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
-    def stream(self, prompt: str | None = None, **options) -> Iterator[pb.GenerateStreamResponse]:
+    def stream(self, prompt: str | None = None, **options) -> ResponseStream:
         """The stream's messages as they arrive; `options` as for `build_request`. Closing the iterator early
         (or `.cancel()` on it) cancels the request on the server."""
         return self.stub.GenerateStream(build_request(prompt, **options), timeout=self.timeout,
@@ -168,6 +175,7 @@ def run_client(args) -> int:
             for last in client.stream(**options):
                 for token in last.tokens:
                     print(token.text, end="", flush=True)
+            assert last is not None  # a stream that ends without an error ends with its final message
             print(f"\n[{FINISH_REASON_NAMES.get(last.finish_reason)}: {last.usage.completion_tokens} tokens, "
                   f"first token {last.timings.time_to_first_token_seconds * 1000:.0f} ms, "
                   f"total {last.timings.total_seconds:.2f} s]", file=sys.stderr)

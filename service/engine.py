@@ -88,7 +88,7 @@ class Engine:
         lengths = np.array([len(prompt) for prompt in prompts])
         if cache is None:
             attention_mask = ragged_mask(lengths)  # (B, T)
-            input_ids = np.zeros(attention_mask.shape, dtype=np.int64)  # (B, T); padding ids are masked out
+            input_ids: np.ndarray = np.zeros(attention_mask.shape, dtype=np.int64)  # (B, T); padding ids are masked out
             for row, prompt in enumerate(prompts):
                 input_ids[row, :len(prompt)] = prompt
             logits, present = self.step(input_ids, attention_mask, None)

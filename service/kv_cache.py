@@ -47,13 +47,13 @@ class KVCache:
     @staticmethod
     def join(caches: list[KVCache | None]) -> KVCache:
         """Stacks batches (their buffers cut or zero-extended to the longest row)."""
-        caches = [cache for cache in caches if cache is not None and cache.size]
-        if len(caches) == 1:
-            return caches[0]
-        width = max(int(cache.lengths.max()) for cache in caches)
+        filled = [cache for cache in caches if cache is not None and cache.size]
+        if len(filled) == 1:
+            return filled[0]
+        width = max(int(cache.lengths.max()) for cache in filled)
         buffers = [np.concatenate([_width(on_host(tensor), width) for tensor in tensors], axis=0)
-                   for tensors in zip(*(cache.buffers for cache in caches))]
-        return KVCache(buffers, np.concatenate([cache.lengths for cache in caches]))
+                   for tensors in zip(*(cache.buffers for cache in filled))]
+        return KVCache(buffers, np.concatenate([cache.lengths for cache in filled]))
 
     def select(self, rows: list[int]) -> KVCache:
         """These rows only, as a batch of their own (copied, cut to their longest row)."""

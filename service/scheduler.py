@@ -318,13 +318,13 @@ class Scheduler:
         pause = [handle for handle in running if handle.unread >= self.max_unread_tokens]
         running = [handle for handle in running if handle not in pause]
         paused += pause
-        resume = []
+        resume: list[RequestHandle] = []
         for handle in [handle for handle in paused if handle.unread < self.max_unread_tokens]:
             after = self._slots_taken(len(running) + len(resume) + 1, len(prefilling), len(paused) - len(resume) - 1)
             if after <= self.max_batch_size:
                 resume.append(handle)
         slots = self._slots_taken(len(running) + len(resume), len(prefilling), len(paused) - len(resume))
-        admit = []
+        admit: list[RequestHandle] = []
         while self._waiting and slots + len(admit) < self.max_batch_size:
             admit.append(self._waiting.popleft())
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
@@ -366,7 +366,7 @@ class Scheduler:
 
     def _prefill(self, chunks: tuple[Chunk, ...]) -> None:
         handles = [chunk.handle for chunk in chunks]
-        prompts = [chunk.handle.request.prompt_ids[chunk.start:chunk.stop] for chunk in chunks]
+        prompts: list[Prompt[int]] = [chunk.handle.request.prompt_ids[chunk.start:chunk.stop] for chunk in chunks]
         self.metrics.prompt_tokens.inc(sum(map(len, prompts)))
         self.metrics.prefill_batch_size.observe(len(prompts))
         started = time.perf_counter()
@@ -394,6 +394,7 @@ class Scheduler:
         rows = self._running
         token_ids = np.array([handle.sequence.token_ids[-1] for handle in rows], dtype=np.int64)  # (B,)
         self.metrics.batch_size.observe(len(rows))
+        assert self._batch is not None  # running rows always have their cache
         try:
             logits = self.engine.decode(self._batch, token_ids)  # (B, V)
         except Exception:
@@ -431,6 +432,7 @@ class Scheduler:
         if not handles:
             return
         rows = [self._running.index(handle) for handle in handles]
+        assert self._batch is not None  # the paused are running rows, which have their cache
         for handle, row in zip(handles, rows):
             handle.paused = True
             self._paused[handle] = self._batch.select([row])
@@ -443,6 +445,7 @@ class Scheduler:
             handle.first_token = now
             self.metrics.time_to_first_token.observe(now - handle.submitted)
         else:
+            assert handle.last_token is not None  # set with first_token
             self.metrics.inter_token_latency.observe(now - handle.last_token)
         handle.last_token = now
         handle.produced += 1
@@ -468,10 +471,10 @@ class Scheduler:
     def _flush(self) -> None:
         """Hands this step's tokens to the event loops, one call per loop."""
         outgoing, self._outgoing = self._outgoing, {}
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        for handle, items in outgoing.items():
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestHandle, _Outgoing]]] = defaultdict(list)
+        for handle, pending in outgoing.items():
             if not handle.cancelled:
-                by_loop[handle.loop].append((handle, items))
+                by_loop[handle.loop].append((handle, pending))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)

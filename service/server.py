@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol, TypeVar
+from wsgiref.simple_server import WSGIServer
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +29,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from gptserve.export.artifact import format_report
+from gptserve.export.manifest import Manifest
 from gptserve.service.api import (
     FINISH_REASONS,
     GenerationRequest,
@@ -39,7 +42,7 @@ from gptserve.service.api import (
 )
 from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.metrics import Metrics
-from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, RequestHandle, Scheduler
+from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -96,11 +99,23 @@ class ServerConfig:
                               "TLS needs both a certificate file and a key file")
 
 
+class ServedEngine(BatchEngine, Protocol):
+    """What the server needs of an engine (service/engine.py's Engine): the scheduler's verbs and its description."""
+
+    manifest: Manifest
+    context_length: int
+    vocab_size: int
+    execution_provider: str
+
+
+T = TypeVar("T")
+
+
 @dataclass
 class Backend:
     """What exists once the model is loaded."""
 
-    engine: object
+    engine: ServedEngine
     scheduler: Scheduler
     limits: Limits
 
@@ -182,7 +197,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         return grpc.StatusCode.DEADLINE_EXCEEDED if past_deadline else grpc.StatusCode.CANCELLED
 
     def _log_request(self, call: _Call) -> None:
-        fields = {"method": call.method, "code": call.code.name, "peer": call.peer}
+        fields: dict[str, object] = {"method": call.method, "code": call.code.name, "peer": call.peer}
         if call.message:
             fields["message"] = call.message
         if call.request is not None:
@@ -208,6 +223,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             async for _ in handle.updates():
                 pass
             sequence = handle.sequence
+            assert sequence.finish_reason is not None  # a request that ended without an error has finished
             return pb.GenerateResponse(
                 request_id=request.request_id, text=sequence.text, token_ids=sequence.token_ids,
                 finish_reason=FINISH_REASONS[sequence.finish_reason],
@@ -230,6 +246,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                     request_id=request.request_id, tokens=tokens_to_proto(events, request.return_logprobs))
                 if done:
                     sequence = handle.sequence
+                    assert sequence.finish_reason is not None  # a request that ended without an error has finished
                     response.finish_reason = FINISH_REASONS[sequence.finish_reason]
                     response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
                     response.timings.CopyFrom(handle.timings().to_proto())
@@ -273,7 +290,7 @@ def add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server
     """Registers the TextGeneration methods with no request deserializer: gRPC hands the servicer the request's
     bytes, so a malformed message is the servicer's INVALID_ARGUMENT (not a traceback in gRPC's own code), and
     a request refused for its token is never parsed at all."""
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in pb.DESCRIPTOR.services_by_name["TextGeneration"].methods:
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
         response = getattr(pb, method.output_type.name)
@@ -329,13 +346,13 @@ class GenerationServer:
     """One server's life: start (listening at once, NOT_SERVING), load the model off the event loop, serve,
     stop gracefully. `load_engine` returns a loaded `service.engine.Engine` (or anything with its interface)."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], object], metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], metrics: Metrics | None = None):
         self.config, self.load_engine = config, load_engine
         self.metrics = metrics or Metrics()
         self.servicer = GenerationServicer(self.metrics, config)
         self.port: int | None = None
         self.metrics_port: int | None = None
-        self._metrics_http = None
+        self._metrics_http: WSGIServer | None = None
         self._loading: asyncio.Task | None = None
         self._hurry = asyncio.Event()
 
@@ -364,6 +381,7 @@ class GenerationServer:
         address = f"{config.host}:{config.port}"
         try:
             if config.tls_cert_file:
+                assert config.tls_key_file is not None  # ServerConfig refuses one without the other
                 credentials = grpc.ssl_server_credentials(
                     [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())])
                 self.port = self.server.add_secure_port(address, credentials)
@@ -393,6 +411,7 @@ class GenerationServer:
 
     async def wait_ready(self) -> None:
         """Returns once the model is loaded; raises what loading it raised."""
+        assert self._loading is not None  # start() began the load
         await self._loading
 
     async def stop(self, grace: float | None = None) -> None:
@@ -419,7 +438,7 @@ class GenerationServer:
             self._metrics_http.server_close()
 
 
-async def _on_daemon_thread(function: Callable[[], object]):
+async def _on_daemon_thread(function: Callable[[], T]) -> T:
     """`function()` on a daemon thread of its own. asyncio.to_thread's executor is joined when asyncio.run ends,
     so a SIGTERM during a long model load would wait for the load; nothing waits for a daemon thread."""
     loop = asyncio.get_running_loop()
@@ -441,7 +460,7 @@ async def _on_daemon_thread(function: Callable[[], object]):
     return await outcome
 
 
-async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
+async def serve(config: ServerConfig, load_engine: Callable[[], ServedEngine]) -> int:
     """The `gptserve serve` process: runs until SIGTERM or SIGINT, then shuts down gracefully. Its exit status."""
     server = GenerationServer(config, load_engine)
     stopping = asyncio.Event()
@@ -450,6 +469,7 @@ async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
     for signal_number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signal_number, stopping.set)
     await server.start()
+    assert server._loading is not None  # start() began the load
     scheme = "grpcs" if config.tls_cert_file else "grpc"
     log.info("listening on %s://%s:%d (NOT_SERVING until the model is loaded)%s", scheme, config.host, server.port,
              f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
@@ -473,13 +493,13 @@ async def serve(config: ServerConfig, load_engine: Callable[[], object]) -> int:
 class BackgroundServer:
     """A GenerationServer on its own event loop in a thread, for programs and tests that are not asyncio."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], object]) -> None:
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine]) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="gptserve-server", daemon=True)
         self.server = GenerationServer(config, load_engine)
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
         return self.server.port
 
     @property

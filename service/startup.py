@@ -52,5 +52,6 @@ def check_port(setting: str, host: str, port: int) -> None:
     # An address family this machine lacks (IPv6 for "localhost") is not a failure while another one binds.
     in_use = [error for error in failures if error.errno in (errno.EADDRINUSE, errno.EACCES)]
     if in_use or len(failures) == len(addresses):
-        error = (in_use or failures)[0]
-        raise ConfigError(setting, f"{host}:{port}: {error.strerror.lower()}")
+        failure = (in_use or failures)[0]
+        assert failure.strerror is not None  # bind's errors come from errno, which names them
+        raise ConfigError(setting, f"{host}:{port}: {failure.strerror.lower()}")
