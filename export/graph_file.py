@@ -121,8 +121,10 @@ def _fields(data: Bytes, start: int, end: int) -> Iterator[tuple[int, int | tupl
 
 
 def _span(value: int | tuple[int, int]) -> tuple[int, int]:
-    # onnx.proto's strings and messages are length-delimited; a corrupt file's varint there fails here.
-    assert isinstance(value, tuple), "a varint where onnx.proto has a length-delimited field"
+    # onnx.proto's strings and messages are length-delimited: a varint there is a corrupt file (a ValueError,
+    # which the engine reports as an unusable artifact).
+    if not isinstance(value, tuple):
+        raise ValueError("a number where onnx.proto has a string or a message: the graph file is corrupt")
     return value
 
 

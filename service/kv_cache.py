@@ -36,6 +36,12 @@ class KVCache:
         per_position = sum(tensor.shape[1] * tensor.shape[3] * tensor.itemsize for tensor in self.buffers)
         return int(self.lengths.sum()) * per_position
 
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` per row in host buffers, so a prompt read in chunks grows its cache once instead of
+        copying it at every doubling (zeros are not resident until written)."""
+        self.buffers = [_width(tensor, positions) if isinstance(tensor, np.ndarray) and tensor.shape[2] < positions
+                        else tensor for tensor in self.buffers]  # a new list: any binding of the old one is spent
+
     def attention_mask(self, new_tokens: int = 1) -> np.ndarray:
         """The mask of a step that appends `new_tokens` to every row: (B, longest + new_tokens)."""
         return ragged_mask(self.lengths + new_tokens)

@@ -167,9 +167,6 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             call.code = self._why_gone(context)
             raise
         except Exception as error:
-            if context.cancelled():  # a write that was pending when the client left fails: nothing to report
-                call.code = self._why_gone(context)
-                return
             call.code, call.message = status_for(error, call.request.request_id if call.request else None)
             if method == "GenerateStream":  # an abort would wait behind a write its client never takes
                 context.set_code(call.code)
@@ -255,6 +252,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 except TimeoutError:
                     raise StalledReader(f"the client read nothing for {self.config.stall_seconds:g} s "
                                         "(--stall-seconds); the stream was ended") from None
+                except Exception:  # grpc fails the write of a call that has ended: its client cancelled or left
+                    raise asyncio.CancelledError from None
 
     async def Tokenize(self, data: bytes, context) -> pb.TokenizeResponse:
         async with self._rpc("Tokenize", context):
