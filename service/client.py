@@ -147,7 +147,10 @@ def read_token(token_file: str | None) -> str | None:
 
 def run_client(args) -> int:
     """`gptserve client`: streams the reply to the terminal as tokens arrive."""
-    root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    try:
+        root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    except OSError as error:
+        raise ConfigError("--tls-ca", f"cannot read {args.tls_ca}: {error.strerror}") from None
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,

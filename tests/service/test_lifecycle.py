@@ -159,6 +159,15 @@ def test_start_up_mistakes_are_one_line_each(nothing_to_load, tmp_path, tls_file
     assert "--max-queue" in refusal(*nothing_to_load, "--port", port, "--max-queue", "-1")
     assert "--grace-seconds" in refusal(*nothing_to_load, "--port", port, "--grace-seconds", "nan")
     assert "--threads" in refusal(*nothing_to_load, "--port", port, "--threads", "0")
+    assert "--stall-seconds" in refusal(*nothing_to_load, "--port", port, "--stall-seconds", "0")
+    assert "--prefill-step-seconds" in refusal(*nothing_to_load, "--port", port, "--prefill-step-seconds", "-1")
+
+
+def test_a_client_with_an_unreadable_certificate_says_so_in_one_line(tmp_path):
+    done = subprocess.run(gptserve("client", "--tls-ca", str(tmp_path / "missing.pem"), "Hi"), capture_output=True,
+                          text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "--tls-ca" in lines[0] and "Traceback" not in done.stderr
 
 
 def test_a_port_in_use_is_named(nothing_to_load):
