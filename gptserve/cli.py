@@ -76,9 +76,13 @@ def run_generate(args: argparse.Namespace) -> int:
         return fail("--parse-special-tokens applies to a plain prompt, not to --chat")
     step: StepFunction  # the engine's, or the eager model's
     if args.artifacts:
+        from gptserve.export.artifact import ArtifactError
         from gptserve.service.engine import Engine
 
-        engine = Engine.load(args.artifacts)
+        try:
+            engine = Engine.load(args.artifacts)
+        except ArtifactError as error:
+            return fail(str(error))
         step, tokenizer, context_length = engine.step, engine.tokenizer, engine.context_length
     else:
         from gptserve.model.eager import EagerStep
@@ -114,9 +118,12 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from gptserve.export.artifact import format_report, read_manifest
+    from gptserve.export.artifact import ArtifactError, format_report, read_manifest
 
-    manifest = read_manifest(args.artifacts)
+    try:
+        manifest = read_manifest(args.artifacts)
+    except ArtifactError as error:
+        return fail(str(error))
     model, graph = manifest.model, manifest.graph
     print(f"{model.name} ({model.config.architecture}, {manifest.precision}), from {model.source}")
     print(f"graph: {graph.file}, opset {graph.opset}, {graph.n_layer} layers, KV {graph.kv_layout} "

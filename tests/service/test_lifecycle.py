@@ -215,3 +215,10 @@ def test_serve_flags_take_their_defaults_from_server_config(monkeypatch):
 
     monkeypatch.delenv("GPTSERVE_AUTH_TOKEN", raising=False)
     assert serve_config(build_parser().parse_args(["serve"])) == ServerConfig()
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["generate", "Hi", "--artifacts"]])
+def test_a_folder_that_is_not_an_artifact_is_one_line(tmp_path, command):
+    done = subprocess.run(gptserve(*command, str(tmp_path / "typo")), capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "no manifest.json" in lines[0], done.stderr
