@@ -24,9 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from gptserve.service.client import GenerationClient
-
-SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+from gptserve.service.client import SMALL_WINDOW, GenerationClient
 
 
 def start_server(folder: str, port: int, *flags: str) -> subprocess.Popen:

@@ -17,6 +17,10 @@ from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
 TOKEN_ENVIRONMENT = "GPTSERVE_AUTH_TOKEN"
+# Channel options of a client that wants the server to see at once when it stops reading: a 1 KiB HTTP/2 window
+# that never grows, so the server's writes wait (and its stream pauses) instead of filling grpc's default window,
+# which grows to megabytes. Plenty for token streams; not for large unary replies over long distances.
+SMALL_WINDOW = (("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0))
 FINISH_REASON_NAMES = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "eos"}
 
 

@@ -11,15 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
-from gptserve.service.client import GenerationClient
+from gptserve.service.client import SMALL_WINDOW, GenerationClient
 from gptserve.service.scheduler import Chunk, plan_prefill
 from gptserve.service.server import BackgroundServer, ServerConfig
 from tests.service.support import collect, running_server, solo_greedy, wait_for
 
 LONG = 4000  # new tokens: only a cancel, a stall or the test's end stops these streams
-# A client whose HTTP/2 window is 1 KiB and never grows: once it stops reading, the server's writes block
-# after about 1 KiB, as they do for any client whose connection stalls (grpc's own default window grows to MBs).
-SMALL_WINDOW = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 
 
 class Admitted:
