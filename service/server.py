@@ -248,7 +248,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                     response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
                     response.timings.CopyFrom(handle.timings().to_proto())
                 try:
-                    await asyncio.wait_for(context.write(response), self.config.stall_seconds)
+                    async with asyncio.timeout(self.config.stall_seconds):  # no task per write, unlike wait_for
+                        await context.write(response)
                 except TimeoutError:
                     raise StalledReader(f"the client read nothing for {self.config.stall_seconds:g} s "
                                         "(--stall-seconds); the stream was ended") from None
