@@ -39,7 +39,7 @@ class KVCache:
     def reserve(self, positions: int) -> None:
         """Room for `positions` per row in host buffers, so a prompt read in chunks grows its cache once instead of
         copying it at every doubling (zeros are not resident until written)."""
-        self.buffers = [_width(tensor, positions) if isinstance(tensor, np.ndarray) and tensor.shape[2] < positions
+        self.buffers = [_grown(tensor, positions) if isinstance(tensor, np.ndarray) and tensor.shape[2] < positions
                         else tensor for tensor in self.buffers]  # a new list: any binding of the old one is spent
 
     def attention_mask(self, new_tokens: int = 1) -> np.ndarray:
@@ -71,6 +71,13 @@ class KVCache:
         shares those positions with this cache, which never rewrites them."""
         lengths = np.minimum(self.lengths, length)
         return KVCache([on_host(tensor)[:, :, :length] for tensor in self.buffers], lengths)
+
+
+def _grown(tensor: np.ndarray, capacity: int) -> np.ndarray:
+    """The buffer with room for `capacity` positions; the new room is untouched zeros (not resident)."""
+    grown = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), dtype=tensor.dtype)
+    grown[:, :, :tensor.shape[2]] = tensor
+    return grown
 
 
 def _width(tensor: np.ndarray, width: int) -> np.ndarray:

@@ -15,8 +15,9 @@ stops within a chunk.
 Slow readers: a token counts as unread until its message's write has completed. A stream with
 `max_unread_tokens` unread is paused: its KV rows leave the batch and wait aside, and it gives up its slot (up to
 `max_paused` paused streams; more than that keep their slots), so a client that stops reading costs no compute and
-never blocks admission. Memory: a paused stream holds its cache (at most context length x the KV bytes of a
-position) and its unread tokens. The server ends a stream whose writes make no progress (service/server.py).
+never blocks admission; it rejoins once its client has read half of them. Memory: a paused stream holds its cache
+(at most context length x the KV bytes of a position) and its unread tokens. The server ends a stream whose writes
+make no progress (service/server.py).
 
 The asyncio side submits checked requests and reads their tokens; the engine thread owns the batch. They meet in
 three places only: the waiting queue (under a lock), each request's cancel flag and read count, and
@@ -217,6 +218,8 @@ class Scheduler:
         self._batch: KVCache | None = None
         self._prefilling: dict[RequestHandle, KVCache | None] = {}
         self._paused: dict[RequestHandle, KVCache] = {}
+        # Every request taken from the queue and not yet ended, wherever it is: what a failure must end.
+        self._admitted: set[RequestHandle] = set()
         self._outgoing: dict[RequestHandle, _Outgoing] = {}
         self._thread: threading.Thread | None = None
 
@@ -283,16 +286,18 @@ class Scheduler:
     # The engine thread: plan ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (plan := self._next_plan()) is not None:
+        while True:
             try:
+                if (plan := self._next_plan()) is None:
+                    break
                 self._execute(plan)
             except Exception:  # a bug here must not end the loop: fail what is in the server, go on
-                log.exception("scheduler step failed; failing the %d requests in it", self.active_count)
-                self._fail([*plan.admit, *self._running, *self._prefilling, *self._paused])
+                log.exception("scheduler step failed; failing the %d requests in it", len(self._admitted))
+                self._fail()
             self._flush()
         with self._condition:
             waiting, self._waiting = list(self._waiting), deque()
-        for handle in [*self._running, *self._prefilling, *self._paused, *waiting]:
+        for handle in [*self._admitted, *waiting]:
             self._end(handle, NotServing("the server shut down before this request finished"))
         self._flush()
 
@@ -311,16 +316,18 @@ class Scheduler:
         return running + prefilling + max(0, paused - self.max_paused)
 
     def _plan(self) -> Plan:
-        """Under the lock (admitting takes from the queue); reads the engine thread's state, changes nothing else."""
-        drop = tuple(handle for handle in [*self._running, *self._prefilling, *self._paused] if handle.cancelled)
-        running = [handle for handle in self._running if not handle.cancelled]
-        prefilling = [handle for handle in self._prefilling if not handle.cancelled]
-        paused = [handle for handle in self._paused if not handle.cancelled]
+        """Under the lock (admitting takes from the queue); reads the engine thread's state and records the
+        admitted, nothing else. A paused stream resumes once half its unread tokens are read, so a reader slower
+        than generation does not pause and resume (two copies of its cache) every few tokens."""
+        drop = tuple(handle for handle in self._admitted if handle.cancelled)  # each flag read once
+        running = [handle for handle in self._running if handle not in drop]
+        prefilling = [handle for handle in self._prefilling if handle not in drop]
+        paused = [handle for handle in self._paused if handle not in drop]
         pause = [handle for handle in running if handle.unread >= self.max_unread_tokens]
         running = [handle for handle in running if handle not in pause]
         paused += pause
         resume: list[RequestHandle] = []
-        for handle in [handle for handle in paused if handle.unread < self.max_unread_tokens]:
+        for handle in [handle for handle in paused if handle.unread <= self.max_unread_tokens // 2]:
             after = self._slots_taken(len(running) + len(resume) + 1, len(prefilling), len(paused) - len(resume) - 1)
             if after <= self.max_batch_size:
                 resume.append(handle)
@@ -328,6 +335,7 @@ class Scheduler:
         admit: list[RequestHandle] = []
         while self._waiting and slots + len(admit) < self.max_batch_size:
             admit.append(self._waiting.popleft())
+        self._admitted.update(admit)
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
         prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())
         ready = [chunk for chunk in prefill if chunk.completes_prompt]
@@ -338,7 +346,7 @@ class Scheduler:
         if not self._seconds_per_prompt_token:
             return self.prefill_chunk_tokens
         fits = int(self.prefill_step_seconds / self._seconds_per_prompt_token)
-        return max(MIN_CHUNK_TOKENS, min(self.prefill_chunk_tokens, fits))
+        return min(self.prefill_chunk_tokens, max(MIN_CHUNK_TOKENS, fits))
 
     # The engine thread: execute and apply -----------------------------------------------------------------------
 
@@ -461,14 +469,15 @@ class Scheduler:
         if handle.ended is not None:
             return
         handle.ended = time.perf_counter()
+        self._admitted.discard(handle)
         outgoing = self._outgoing.setdefault(handle, _Outgoing())
         outgoing.done, outgoing.error = True, error
         with self._condition:
             self._outstanding -= 1
 
-    def _fail(self, handles: list[RequestHandle]) -> None:
-        """After a bug: every request in the server ends with INTERNAL (none is dropped unended), state resets."""
-        for handle in handles:
+    def _fail(self) -> None:
+        """After a bug: every admitted request ends with INTERNAL (none is dropped unended), state resets."""
+        for handle in list(self._admitted):
             self._end(handle, engine_failure(handle))
         self._running, self._batch, self._prefilling, self._paused = [], None, {}, {}
 

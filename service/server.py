@@ -431,6 +431,7 @@ class GenerationServer:
         await self.server.stop(0)
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        backend = self.backend  # again: the model may have finished loading during the grace period
         if backend is not None:
             await asyncio.to_thread(backend.scheduler.stop)
         if self._metrics_http is not None:

@@ -14,6 +14,7 @@ from gptserve.model.generation import StoppingParams
 from gptserve.model.sampling import SamplingParams
 from gptserve.service.api import GenerationRequest
 from gptserve.service.errors import EngineFailure
+from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import Scheduler
 from tests.service.support import running_server
@@ -101,3 +102,50 @@ def test_a_decode_failure_while_a_reader_is_paused_ends_every_request(tiny_engin
 
     slow_ids, active = asyncio.run(scenario())
     assert len(slow_ids) == 8 and active == 0
+
+
+def test_a_scheduler_failure_ends_every_admitted_request(tiny_engine):
+    """A bug past the engine (here: a cache that cannot join the batch, after the last chunk of a prompt admitted
+    iterations earlier) ends every request in the server with INTERNAL; none is left unended, and serving goes on."""
+
+    class UnjoinableCache(FaultyEngine):
+        corrupt_at: int | None = None  # the prompt length whose finished cache comes back with the wrong KV heads
+
+        def prefill(self, prompts, cache=None):
+            logits, cache = self.engine.prefill(prompts, cache)
+            if self.corrupt_at is not None and int(cache.lengths.max()) == self.corrupt_at:
+                cache = KVCache([tensor[:, :1] for tensor in cache.buffers], cache.lengths)
+            return logits, cache
+
+    engine = UnjoinableCache(tiny_engine)
+    prompt = tuple(tiny_engine.tokenizer.encode("Hello there, how are you today? " * 6))  # three chunks or more
+    request = lambda name, new: GenerationRequest(name, prompt[:4] if name == "running" else prompt, SamplingParams(),
+                                                  StoppingParams(new, (), True))
+
+    async def outcome(handle) -> str:
+        try:
+            async for _ in handle.updates():
+                pass
+            return "finished"
+        except EngineFailure:
+            return "failed"
+
+    async def scenario():
+        scheduler = Scheduler(engine, Metrics(), max_batch_size=4, prefill_chunk_tokens=16)
+        scheduler.start()
+        try:
+            running = scheduler.submit(request("running", 200))
+            while not running.produced:
+                await asyncio.sleep(0.01)
+            engine.corrupt_at = len(prompt)
+            joining = scheduler.submit(request("joining", 4))
+            results = await asyncio.wait_for(asyncio.gather(outcome(running), outcome(joining)), 30)
+            engine.corrupt_at = None
+            after = await asyncio.wait_for(outcome(scheduler.submit(request("after", 4))), 30)
+            await asyncio.sleep(0.05)
+            return results, after, scheduler.active_count
+        finally:
+            scheduler.stop()
+
+    results, after, active = asyncio.run(scenario())
+    assert results == ["failed", "failed"] and after == "finished" and active == 0
