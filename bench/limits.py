@@ -24,20 +24,8 @@ from typing import Any
 import grpc
 import numpy as np
 
+from gptserve.service.bench import start_server
 from gptserve.service.client import SMALL_WINDOW, GenerationClient
-
-
-def start_server(folder: str, port: int, *flags: str) -> subprocess.Popen:
-    server = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--artifacts", folder, "--port", str(port),
-                               "--log-level", "warning", *flags])
-    with GenerationClient(f"127.0.0.1:{port}") as client:
-        while server.poll() is None:
-            try:
-                client.wait_until_serving(timeout=1)
-                return server
-            except (grpc.FutureTimeoutError, grpc.RpcError):  # not listening, or not serving yet
-                pass
-    raise SystemExit(f"the server exited with status {server.returncode}")
 
 
 def rss_mb(process: subprocess.Popen) -> float:

@@ -19,6 +19,23 @@ USAGE_ERROR = 2
 SERVE_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key", "auth_token": "--auth-token-file"}
 
 
+# The numeric serve flags: each sets the ServerConfig field of its name, whose default and range it takes.
+SERVE_NUMBERS: dict[str, tuple[type, str]] = {
+    "port": (int, "0 picks a free port"),
+    "max_batch_size": (int, "sequences stepped together"),
+    "max_queue": (int, "requests waiting for a slot; more get RESOURCE_EXHAUSTED"),
+    "max_unread_tokens": (int, "a stream whose client has this many tokens unread is paused until it reads"),
+    "max_paused": (int, "paused streams that give up their slots (default: --max-batch-size)"),
+    "stall_seconds": (float, "a stream whose client reads nothing this long is ended (RESOURCE_EXHAUSTED)"),
+    "prefill_chunk_tokens": (int, "prompt tokens read per engine step at most (long prompts are read in chunks)"),
+    "prefill_step_seconds": (float, "what a prompt chunk aims to take: the pause running streams see while a "
+                                    "prompt is read"),
+    "default_max_new_tokens": (int, "when a request does not say"),
+    "max_stop_strings": (int, "stop strings one request may send"),
+    "max_message_bytes": (int, "largest request or response message"),
+}
+
+
 def flag_for(setting: str) -> str:
     """The serve flag that sets a ServerConfig field (a flag or an environment variable stays as it is)."""
     if setting in SERVE_FLAGS:
@@ -144,11 +161,7 @@ def serve_config(args: argparse.Namespace):
         if value is not None and value < minimum:
             raise ConfigError(flag, f"{value}; allowed {minimum} or more")
     return ServerConfig(
-        host=args.host, port=args.port, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        max_unread_tokens=args.max_unread_tokens, max_paused=args.max_paused, stall_seconds=args.stall_seconds,
-        prefill_chunk_tokens=args.prefill_chunk_tokens, prefill_step_seconds=args.prefill_step_seconds,
-        default_max_new_tokens=args.default_max_new_tokens,
-        max_stop_strings=args.max_stop_strings, max_message_bytes=args.max_message_bytes,
+        host=args.host, **{name: getattr(args, name) for name in SERVE_NUMBERS},
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
     )
@@ -244,25 +257,8 @@ def add_service_commands(commands) -> None:
                             "when no --artifacts is given)")
     serve.add_argument("--host", default=defaults.host,
                        help="0.0.0.0 to listen on every interface (use TLS and a token)")
-    serve.add_argument("--port", type=int, default=defaults.port, help="0 picks a free port")
-    serve.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="sequences stepped together")
-    serve.add_argument("--max-queue", type=int, default=defaults.max_queue,
-                       help="requests waiting for a slot; more get RESOURCE_EXHAUSTED")
-    serve.add_argument("--max-unread-tokens", type=int, default=defaults.max_unread_tokens,
-                       help="a stream whose client has this many tokens unread is paused until it reads")
-    serve.add_argument("--max-paused", type=int, default=defaults.max_paused,
-                       help="paused streams that give up their slots (default: --max-batch-size)")
-    serve.add_argument("--stall-seconds", type=float, default=defaults.stall_seconds,
-                       help="a stream whose client reads nothing this long is ended (RESOURCE_EXHAUSTED)")
-    serve.add_argument("--prefill-chunk-tokens", type=int, default=defaults.prefill_chunk_tokens,
-                       help="prompt tokens read per engine step at most (long prompts are read in chunks)")
-    serve.add_argument("--prefill-step-seconds", type=float, default=defaults.prefill_step_seconds,
-                       help="what a prompt chunk aims to take: the pause running streams see while a prompt is read")
-    serve.add_argument("--default-max-new-tokens", type=int, default=defaults.default_max_new_tokens,
-                       help="when a request does not say")
-    serve.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings)
-    serve.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
-                       help="largest request or response message")
+    for name, (kind, text) in SERVE_NUMBERS.items():
+        serve.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text)
     serve.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     serve.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.model.sampling import SamplingParams
 from gptserve.service.api import GenerationRequest
+from gptserve.service.client import GenerationClient
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import Scheduler
 
@@ -147,18 +149,24 @@ async def _grpc_streams(target: str, streams: int, rounds: int, max_new_tokens: 
     return summarise("grpc", streams, records, time.perf_counter() - started)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _start_server(folder: Path, port: int, max_batch_size: int, threads: int | None) -> subprocess.Popen:
-    command = [sys.executable, "-m", "gptserve", "serve", "--artifacts", str(folder), "--port", str(port),
-               "--max-batch-size", str(max_batch_size), "--max-queue", str(max_batch_size), "--log-level", "warning"]
-    if threads:
-        command += ["--threads", str(threads)]
-    return subprocess.Popen(command)
+def start_server(folder: Path | str, port: int, *flags: str) -> subprocess.Popen:
+    """A `gptserve serve` child process on 127.0.0.1:port, returned once it is SERVING (its exit is an error)."""
+    server = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--artifacts", str(folder), "--port",
+                               str(port), "--log-level", "warning", *flags])
+    with GenerationClient(f"127.0.0.1:{port}") as client:
+        while server.poll() is None:
+            try:
+                client.wait_until_serving(timeout=1)
+                return server
+            except (grpc.FutureTimeoutError, grpc.RpcError):  # not listening, or not serving yet
+                pass
+    raise SystemExit(f"the server exited with status {server.returncode}")
 
 
 def machine_description(engine) -> list[str]:
@@ -184,7 +192,6 @@ def format_table(figures: list[Figures]) -> str:
 
 
 def run_bench(folder: Path, args) -> int:
-    from gptserve.service.client import GenerationClient
     from gptserve.service.engine import Engine
 
     engine = Engine.load(folder, "auto", args.threads)
@@ -197,11 +204,10 @@ def run_bench(folder: Path, args) -> int:
     for streams in args.concurrency:
         figures.append(asyncio.run(_scheduler_streams(engine, streams, args.rounds, args.max_new_tokens)))
 
-    port = _free_port()
-    server = _start_server(folder, port, max(args.concurrency), args.threads)
+    port, slots = free_port(), str(max(args.concurrency))
+    server = start_server(folder, port, "--max-batch-size", slots, "--max-queue", slots,
+                          *(["--threads", str(args.threads)] if args.threads else []))
     try:
-        with GenerationClient(f"127.0.0.1:{port}") as client:
-            client.wait_until_serving(timeout=600)
         for streams in args.concurrency:
             figures.append(asyncio.run(_grpc_streams(f"127.0.0.1:{port}", streams, args.rounds, args.max_new_tokens)))
     finally:
