@@ -21,7 +21,8 @@ SERVE_FLAGS = {"tls_cert_file": "--tls-cert", "tls_key_file": "--tls-key", "auth
 
 # The numeric serve flags: each sets the ServerConfig field of its name, whose default and range it takes.
 SERVE_NUMBERS: dict[str, tuple[type, str]] = {
-    "port": (int, "0 picks a free port"),
+    "port": (int, "gRPC port; 0 picks a free port"),
+    "http_port": (int, "OpenAI-compatible HTTP API port (/v1/chat/completions, /v1/completions, /health); 0 = off"),
     "max_batch_size": (int, "sequences stepped together"),
     "max_queue": (int, "requests waiting for a slot; more get RESOURCE_EXHAUSTED"),
     "max_unread_tokens": (int, "a stream whose client has this many tokens unread is paused until it reads"),
@@ -162,6 +163,7 @@ def serve_config(args: argparse.Namespace):
             raise ConfigError(flag, f"{value}; allowed {minimum} or more")
     return ServerConfig(
         host=args.host, **{name: getattr(args, name) for name in SERVE_NUMBERS},
+        served_model_names=tuple(args.served_model_name),
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
     )
@@ -259,6 +261,8 @@ def add_service_commands(commands) -> None:
                        help="0.0.0.0 to listen on every interface (use TLS and a token)")
     for name, (kind, text) in SERVE_NUMBERS.items():
         serve.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name), help=text)
+    serve.add_argument("--served-model-name", action="append", default=list(defaults.served_model_names),
+                       help="another name the HTTP API accepts as `model` (repeatable)")
     serve.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime provider")
     serve.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     serve.add_argument("--precision", choices=PRECISIONS, default=None,

@@ -65,6 +65,8 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = setting(50051, 0, 65535)  # 0 picks a free port
+    http_port: int = setting(8000, 0, 65535)  # the OpenAI-compatible HTTP API (service/http_api.py); 0: none
+    served_model_names: tuple[str, ...] = ()  # names the HTTP API answers to besides the model's own
     max_batch_size: int = setting(8, 1)
     max_queue: int = setting(64, 0)
     # A stream whose client has this many tokens unread (not yet written) is paused (service/scheduler.py); up to

@@ -14,7 +14,8 @@ from gptserve.service.server import BackgroundServer, ServerConfig
 @contextlib.contextmanager
 def running_server(engine, client_token: str | None = None, **settings):
     """A server on its own event-loop thread, serving an already loaded engine; yields (server, client)."""
-    server = BackgroundServer(ServerConfig(host="127.0.0.1", port=0, **settings), lambda: engine).start()
+    config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "http_port": 0, **settings})
+    server = BackgroundServer(config, lambda: engine).start()
     try:
         with GenerationClient(f"127.0.0.1:{server.port}", token=client_token, timeout=120) as client:
             yield server, client

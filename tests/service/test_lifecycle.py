@@ -31,7 +31,7 @@ def test_not_serving_until_the_model_is_loaded(tiny_engine):
         release.wait(30)
         return tiny_engine
 
-    server = BackgroundServer(ServerConfig(port=0), slow_load).start(wait_ready=False)
+    server = BackgroundServer(ServerConfig(port=0, http_port=0), slow_load).start(wait_ready=False)
     try:
         with GenerationClient(f"127.0.0.1:{server.port}", timeout=30) as client:
             assert client.health() == "NOT_SERVING"
@@ -48,7 +48,7 @@ def test_not_serving_until_the_model_is_loaded(tiny_engine):
 
 
 def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_engine):
-    server = BackgroundServer(ServerConfig(port=0, grace_seconds=30), lambda: default_engine).start()
+    server = BackgroundServer(ServerConfig(port=0, http_port=0, grace_seconds=30), lambda: default_engine).start()
     with GenerationClient(f"127.0.0.1:{server.port}", timeout=60) as client:
         statuses = []
         watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest())
@@ -191,7 +191,7 @@ SERVE_WITH_A_LOAD_THAT_NEVER_ENDS = """
 import asyncio, logging, sys, threading
 from gptserve.service.server import ServerConfig, serve
 logging.basicConfig(level="INFO", format="%(message)s")
-sys.exit(asyncio.run(serve(ServerConfig(port=0), lambda: threading.Event().wait())))
+sys.exit(asyncio.run(serve(ServerConfig(port=0, http_port=0), lambda: threading.Event().wait())))
 """
 
 

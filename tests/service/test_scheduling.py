@@ -164,7 +164,7 @@ def test_a_stream_that_makes_no_progress_is_ended(default_engine):
 
 
 def test_streams_cut_by_shutdown_are_counted_as_what_their_clients_got(default_engine):
-    server = BackgroundServer(ServerConfig(host="127.0.0.1", port=0), lambda: default_engine).start()
+    server = BackgroundServer(ServerConfig(host="127.0.0.1", port=0, http_port=0), lambda: default_engine).start()
     with GenerationClient(f"127.0.0.1:{server.port}", timeout=60) as client:
         stream = client.stream("Tell me a long story.", max_new_tokens=LONG, ignore_eos=True)
         next(stream)
