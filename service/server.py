@@ -30,10 +30,12 @@ from grpc_reflection.v1alpha import reflection
 
 from gptserve.export.artifact import format_report
 from gptserve.export.manifest import Manifest
+from gptserve.model.generation import TokenEvent
 from gptserve.service.api import (
     FINISH_REASONS,
     GenerationRequest,
     Limits,
+    matched_stop,
     parse_generate_request,
     parse_input,
     read_message,
@@ -204,7 +206,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         if call.handle is not None:
             sequence, timings = call.handle.sequence, call.handle.timings()
             fields.update(
-                completion_tokens=len(sequence.token_ids),
+                completion_tokens=sum(len(handle.sequence.token_ids) for handle in call.handle.group),
                 finish_reason=sequence.finish_reason.value if sequence.finish_reason else None,
                 queue_s=round(timings.queue, 4), ttft_s=round(timings.time_to_first_token, 4),
                 total_s=round(timings.total, 4),
@@ -219,16 +221,22 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
                 backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
-            async for _ in handle.updates():
-                pass
+            events: dict[RequestHandle, list[TokenEvent]] = {member: [] for member in handle.group}
+            async for member, update, _ in handle.group_updates():
+                events[member] += update
+            tokenizer = backend.engine.tokenizer
+            choices = [pb.Choice(index=member.sequence.index, text=member.sequence.text,
+                                 tokens=tokens_to_proto(events[member], request, tokenizer),
+                                 finish_reason=_finish_reason(member), **matched_stop(member.sequence))
+                       for member in handle.group]
             sequence = handle.sequence
-            assert sequence.finish_reason is not None  # a request that ended without an error has finished
             return pb.GenerateResponse(
                 request_id=request.request_id, text=sequence.text, token_ids=sequence.token_ids,
-                finish_reason=FINISH_REASONS[sequence.finish_reason],
-                usage=usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)),
+                finish_reason=choices[0].finish_reason,
+                usage=usage_to_proto(len(request.prompt_ids), sum(len(member.sequence.token_ids) for member in events)),
                 timings=handle.timings().to_proto(),
                 logprobs=sequence.logprobs if request.return_logprobs else [],
+                choices=choices,
             )
 
     async def GenerateStream(self, data: bytes, context) -> None:
@@ -238,16 +246,20 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
                 backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
+            running, tokenizer = len(handle.group), backend.engine.tokenizer
             # Every token that arrived while the previous message was being written goes out in one message, so a
             # slow reader gets fewer, larger messages; its tokens count as unread until their write completes.
-            async for events, done in handle.updates():
+            async for member, events, done in handle.group_updates():
                 response = pb.GenerateStreamResponse(
-                    request_id=request.request_id, tokens=tokens_to_proto(events, request.return_logprobs))
+                    request_id=request.request_id, tokens=tokens_to_proto(events, request, tokenizer),
+                    index=member.sequence.index)
                 if done:
-                    sequence = handle.sequence
-                    assert sequence.finish_reason is not None  # a request that ended without an error has finished
-                    response.finish_reason = FINISH_REASONS[sequence.finish_reason]
-                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
+                    response.finish_reason = _finish_reason(member)
+                    response.MergeFrom(pb.GenerateStreamResponse(**matched_stop(member.sequence)))
+                    running -= 1
+                if not running:  # the request's last message
+                    completion = sum(len(sequence.sequence.token_ids) for sequence in handle.group)
+                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), completion))
                     response.timings.CopyFrom(handle.timings().to_proto())
                 try:
                     async with asyncio.timeout(self.config.stall_seconds):  # no task per write, unlike wait_for
@@ -286,6 +298,12 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 active_sequences=scheduler.active_count,
                 queued_requests=scheduler.queued_count,
             )
+
+
+def _finish_reason(handle: RequestHandle) -> pb.FinishReason:
+    finish_reason = handle.sequence.finish_reason
+    assert finish_reason is not None  # a sequence that ended without an error has finished
+    return FINISH_REASONS[finish_reason]
 
 
 def add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
@@ -404,7 +422,8 @@ class GenerationServer:
                               config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
-                        config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters)
+                        config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters,
+                        max_n=config.max_batch_size)
         self.servicer.backend = Backend(engine, scheduler, limits)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
