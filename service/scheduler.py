@@ -117,29 +117,9 @@ class RequestHandle:
             if done:
                 return
 
-    async def group_updates(self) -> AsyncIterator[tuple[RequestHandle, list[TokenEvent], bool]]:
-        """The updates of every sequence of the request, as they come: (its handle, tokens, whether it has ended).
-        As with `updates()`, a sequence's tokens count as read once the caller asks for the next update."""
-        if not self.followers:
-            async for events, done in self.updates():
-                yield self, events, done
-            return
-        streams = {handle: handle.updates() for handle in self.group}
-        pending = {asyncio.ensure_future(anext(stream)): handle for handle, stream in streams.items()}
-        try:
-            while pending:
-                finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    handle = pending.pop(task)
-                    try:
-                        events, done = task.result()
-                    except StopAsyncIteration:
-                        continue
-                    yield handle, events, done
-                    pending[asyncio.ensure_future(anext(streams[handle]))] = handle
-        finally:
-            for task in pending:
-                task.cancel()
+    def group_updates(self) -> AsyncIterator[tuple[RequestHandle, list[TokenEvent], bool]]:
+        """The updates of every sequence of this request, as they come (see `merge_updates`)."""
+        return merge_updates(self.group)
 
     def cancel(self) -> None:
         """The client is gone: stop generating (every sequence of the request) at the next step boundary. A no-op
@@ -165,6 +145,31 @@ class RequestHandle:
         self.done = self.done or done or error is not None
         self.error = self.error or error
         self._wakeup.set()
+
+
+async def merge_updates(handles: list[RequestHandle]) -> AsyncIterator[tuple[RequestHandle, list[TokenEvent], bool]]:
+    """The updates of several sequences, as they come: (its handle, tokens, whether it has ended). As with
+    `updates()`, a sequence's tokens count as read once the caller asks for its next update."""
+    if len(handles) == 1:
+        async for events, done in handles[0].updates():
+            yield handles[0], events, done
+        return
+    streams = {handle: handle.updates() for handle in handles}
+    pending = {asyncio.ensure_future(anext(stream)): handle for handle, stream in streams.items()}
+    try:
+        while pending:
+            finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                handle = pending.pop(task)
+                try:
+                    events, done = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield handle, events, done
+                pending[asyncio.ensure_future(anext(streams[handle]))] = handle
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 @dataclass(frozen=True)
