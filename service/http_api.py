@@ -80,16 +80,18 @@ async def _respond(request: Request, error: Exception) -> Response:
     return error.response()
 
 
-def http_error(error: BaseException, request_id: str | None, rename: Callable[[str], str]) -> HttpError:
-    """Any failure, through the gRPC edge's own mapping (service/errors.py), then to HTTP."""
+def http_error(error: BaseException, request_id: str | None,
+               rename: Callable[[str], str]) -> tuple[HttpError, grpc.StatusCode]:
+    """Any failure, through the gRPC edge's own mapping (service/errors.py, which logs a bug once), then to HTTP;
+    and the gRPC status it maps to."""
     code, message = status_for(error, request_id)
     status, kind = HTTP_STATUS.get(code, (500, "server_error"))
     if isinstance(error, InvalidRequest):
         param = rename(error.field)
-        return HttpError(status, kind, f"{param}: {error.problem}", param)
+        return HttpError(status, kind, f"{param}: {error.problem}", param), code
     if isinstance(error, ModelNotFound):
-        return HttpError(status, kind, message, "model", "model_not_found")
-    return HttpError(status, kind, message, code=code.name.lower())
+        return HttpError(status, kind, message, "model", "model_not_found"), code
+    return HttpError(status, kind, message, code=code.name.lower()), code
 
 
 def renamer(body: GenerationFields) -> Callable[[str], str]:
@@ -209,8 +211,7 @@ class OpenAIFrontend:
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
             call.code = grpc.StatusCode.UNAVAILABLE if self.servicer.closing else grpc.StatusCode.CANCELLED
             return error
-        call.code, _ = status_for(error, call.request.request_id if call.request else None)
-        failure = http_error(error, call.request.request_id if call.request else None, rename)
+        failure, call.code = http_error(error, call.request.request_id if call.request else None, rename)
         call.message = failure.message  # logged as its client read it
         return failure
 
