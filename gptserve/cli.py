@@ -34,6 +34,7 @@ SERVE_NUMBERS: dict[str, tuple[type, str]] = {
     "default_max_new_tokens": (int, "when a request does not say"),
     "max_stop_strings": (int, "stop strings one request may send"),
     "max_message_bytes": (int, "largest request or response message"),
+    "stats_seconds": (float, "a log line of throughput, load and KV use this often while busy; 0 = never"),
 }
 
 
@@ -171,12 +172,12 @@ def serve_config(args: argparse.Namespace):
 
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gptserve.export.artifact import ArtifactError
     from gptserve.service.artifacts import default_precision, ensure_artifact
     from gptserve.service.engine import Engine
     from gptserve.service.errors import ConfigError
+    from gptserve.service.logs import configure as configure_logging
     from gptserve.service.server import serve
     from gptserve.service.startup import check_start
 
@@ -185,7 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
         check_start(config)
     except ConfigError as error:
         return fail(f"{flag_for(error.setting)}: {error.problem}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # The default model only when no folder is named: a folder alone is served as it is, or refused.
     model = args.model or (None if args.artifacts else DEFAULT_MODEL)
     try:
@@ -256,6 +257,7 @@ def add_bench_command(commands) -> None:
 def add_service_commands(commands) -> None:
     """serve, client and bench-serve: the gRPC server and its two callers."""
     from gptserve.export.quantize import PRECISIONS
+    from gptserve.service.logs import LOG_FORMATS
     from gptserve.service.server import ServerConfig
 
     defaults = ServerConfig()
@@ -289,6 +291,8 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
                        help="on SIGTERM/SIGINT, how long streams in flight may take to finish")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                       help="json: one JSON object per line (request lines and stats with their fields on top)")
     serve.set_defaults(run=run_serve)
 
     client = commands.add_parser("client", help="stream a generation from a running server to the terminal")
