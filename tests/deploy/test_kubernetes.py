@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -442,11 +443,31 @@ def test_secrets_are_created_as_the_readme_says():
                         assert re.search(rf"kubectl .*create secret \w+ {name}\b", section), name
 
 
+# The command after it runs with the root filesystem read-only, as readOnlyRootFilesystem has it: a private mount
+# namespace, so nothing outside the command sees the remount (it needs root, as CI has).
+READ_ONLY_ROOT = ["unshare", "--mount", "--propagation", "private",
+                  "sh", "-c", 'mount -o remount,bind,ro / && exec "$@"', "sh"]
+
+
+def read_only_root() -> list[str]:
+    """READ_ONLY_ROOT where this machine allows it, else nothing."""
+    if shutil.which("unshare") is None:
+        return []
+    return READ_ONLY_ROOT if subprocess.run([*READ_ONLY_ROOT, "true"], capture_output=True).returncode == 0 else []
+
+
+@dataclass
+class RunningServer:
+    ports: dict[str, int]
+    read_only_root: bool
+
+
 @pytest.fixture(scope="module")
 def cpu_server(tiny_artifact, tmp_path_factory):
     """The CPU overlay's server command line, run: only what ties it to a pod is swapped (the artifact, the token
-    file, addresses and ports, threads), every other flag as the manifest gives it. Yields the ports, once SERVING
-    for the name the readiness probe asks about, without a token, as the kubelet asks."""
+    file, addresses and ports, threads), every other flag as the manifest gives it, on a read-only root where
+    possible. Yields once it is SERVING for the name the readiness probe asks about, without a token, as the
+    kubelet asks."""
     folder = tmp_path_factory.mktemp("kubernetes-server")
     objects = render("cpu")
     words = command_line(objects, server_pod(objects), "server")
@@ -458,8 +479,9 @@ def cpu_server(tiny_artifact, tmp_path_factory):
     for flag, value in swapped.items():
         words[words.index(flag) + 1] = value
     log = folder / "server.log"
+    prefix = read_only_root()
     with open(log, "wb") as output:
-        process = subprocess.Popen([sys.executable, "-m", "gptserve", *words[1:]], stdout=output,
+        process = subprocess.Popen([*prefix, sys.executable, "-m", "gptserve", *words[1:]], stdout=output,
                                    stderr=subprocess.STDOUT, cwd=REPO)
     try:
         probe = container(server_pod(objects), "server")["readinessProbe"]["grpc"]
@@ -473,7 +495,7 @@ def cpu_server(tiny_artifact, tmp_path_factory):
                         break
                 assert time.monotonic() < deadline, f"not SERVING within {START_TIMEOUT} s:\n{log.read_text()}"
                 time.sleep(0.1)
-        yield ports
+        yield RunningServer(ports, bool(prefix))
     finally:
         process.terminate()
         try:
@@ -483,8 +505,14 @@ def cpu_server(tiny_artifact, tmp_path_factory):
             process.wait()
 
 
+def test_the_cpu_overlays_server_serves_from_a_read_only_root(cpu_server):
+    if not cpu_server.read_only_root:
+        pytest.skip("no private mount namespace here (unshare needs root): the server ran on a writable root")
+
+
 def test_the_cpu_overlays_server_exports_what_its_autoscaler_reads(cpu_server):
-    with urllib.request.urlopen(f"http://127.0.0.1:{cpu_server['--metrics-port']}/metrics", timeout=5) as response:
+    url = f"http://127.0.0.1:{cpu_server.ports['--metrics-port']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
         exported = {line.split()[0] for line in response.read().decode().splitlines() if not line.startswith("#")}
     for metric in find(render("cpu"), "HorizontalPodAutoscaler", "gptserve")["spec"]["metrics"]:
         assert metric["pods"]["metric"]["name"] in exported
@@ -495,7 +523,7 @@ def test_the_cpu_overlays_server_answers_envoys_http_health_check(cpu_server):
         pytest.skip("this tree has no OpenAI-compatible HTTP API yet (gptserve.service.http_api)")
     (check,) = [check for cluster in envoy_config()["static_resources"]["clusters"]
                 for check in cluster["health_checks"] if "http_health_check" in check]
-    url = f"http://127.0.0.1:{cpu_server['--http-port']}{check['http_health_check']['path']}"
+    url = f"http://127.0.0.1:{cpu_server.ports['--http-port']}{check['http_health_check']['path']}"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             status = response.status
