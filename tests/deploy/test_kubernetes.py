@@ -3,7 +3,8 @@ strictly as tools allow without a cluster. Every object against the Kubernetes s
 the whole against checkov's security policies; the containers' command lines through gptserve's own argument
 parser, and what the probes, Services, Envoy and the autoscaler expect against what that command makes the server
 serve; Envoy's configuration against Envoy's own protos (xds-protos; no Envoy build installs here). Last, the CPU
-overlay's server command line runs for real and answers what its probes and its autoscaler ask."""
+overlay's server command line runs for real, on a read-only root, and answers what its probes and its autoscaler
+ask."""
 
 from __future__ import annotations
 
@@ -73,13 +74,6 @@ def find(objects, kind: str, name: str) -> dict:
     return found
 
 
-def config_map(objects, prefix: str) -> dict:
-    """A generated ConfigMap, by the name before kustomize's hash suffix."""
-    (found,) = [item for item in objects if item["kind"] == "ConfigMap"
-                and re.fullmatch(rf"{prefix}-[a-z0-9]{{10}}", item["metadata"]["name"])]
-    return found
-
-
 def container(pod: dict, name: str) -> dict:
     (found,) = [item for item in pod["containers"] + pod.get("initContainers", []) if item["name"] == name]
     return found
@@ -113,8 +107,9 @@ def command_line(objects, pod: dict, name: str) -> list[str]:
     spec = container(pod, name)
     values = environment(objects, pod, spec)
     words = spec["command"] + spec["args"]
-    expanded = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda match: values[match[1]], word) for word in words]
-    assert not [word for word in expanded if "$(" in word], expanded
+    expand = lambda match: values.get(match[1], match[0])  # the kubelet leaves an unknown $(NAME) as it is
+    expanded = [re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", expand, word) for word in words]
+    assert not [word for word in expanded if "$(" in word], f"unknown variables in {expanded}"
     return expanded
 
 
@@ -306,17 +301,20 @@ def test_envoy_configuration_against_envoys_api():
     bootstrap = envoy_bootstrap(envoy_config())
     (listener,) = bootstrap.static_resources.listeners
     assert {cluster.name for cluster in bootstrap.static_resources.clusters} == {"gptserve-grpc", "gptserve-http"}
-    routes = listener.filter_chains[0].filters[0]
-    assert routes.typed_config.type_url.endswith("HttpConnectionManager")
+    (manager,) = listener.filter_chains[0].filters
+    assert manager.typed_config.type_url.endswith("HttpConnectionManager")
 
 
 def test_the_envoy_check_catches_mistakes():
     pytest.importorskip("envoy.config.bootstrap.v3.bootstrap_pb2", reason="xds-protos (the test extra)")
     from google.protobuf.json_format import ParseError
 
+    manager = ["static_resources", "listeners", 0, "filter_chains", 0, "filters", 0, "typed_config"]
     for path, key, value in ((["static_resources", "clusters", 0], "lb_polcy", "LEAST_REQUEST"),
                              (["static_resources", "clusters", 0], "type", "STRICT_DSN"),
-                             (["static_resources", "clusters", 0, "health_checks", 0], "interval", "five")):
+                             (["static_resources", "clusters", 0, "health_checks", 0], "interval", "five"),
+                             (manager, "stat_prefx", "gptserve"),  # inside a typed config
+                             (manager, "codec_type", "HTTP4")):
         document = envoy_config()
         node = document
         for step in path:
@@ -369,8 +367,12 @@ def test_one_gpu_per_replica_on_gpus_only(overlay):
                 assert set(requests) >= {"cpu", "memory"} and set(limits) >= {"cpu", "memory"}, spec["name"]
 
 
-def adapter_rules() -> list[dict]:
-    return yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+def adapter_rule(metric: str) -> dict:
+    """The Prometheus adapter's rule whose series query selects `metric`."""
+    rules = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    (found,) = [rule for rule in rules
+                if re.fullmatch(re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"])[1], metric)]
+    return found
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -384,10 +386,8 @@ def test_autoscaling_on_gauges_the_server_exports(overlay):
     for metric in autoscaler["metrics"]:
         name = metric["pods"]["metric"]["name"]
         assert name in gauges, f"the server exports no gauge {name}"
-        # The adapter's rule finds the series and serves it under this name.
-        (rule,) = [rule for rule in adapter_rules()
-                   if re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"])
-                   and re.fullmatch(re.search(r'__name__=~"([^"]+)"', rule["seriesQuery"])[1], name)]
+        # The adapter's rule finds the series and serves it under this name ($1 is Python's \1).
+        rule = adapter_rule(name)
         assert re.sub(rule["name"]["matches"], rule["name"]["as"].replace("$", "\\"), name) == name
         served[name] = float(metric["pods"]["target"]["averageValue"])
     serve = serve_arguments(objects)
@@ -397,26 +397,29 @@ def test_autoscaling_on_gauges_the_server_exports(overlay):
     assert budget["maxUnavailable"] < autoscaler["minReplicas"]  # a drain never takes the last replica
 
 
+def selectors(item: dict) -> list[dict]:
+    """The pod labels an object selects by: its selector, a policy's pods, a spread constraint's pods."""
+    spec = item.get("spec", {})
+    if item["kind"] == "Service":
+        return [spec["selector"]]
+    if item["kind"] == "PodDisruptionBudget":
+        return [spec["selector"]["matchLabels"]]
+    if item["kind"] == "NetworkPolicy":
+        return [spec["podSelector"]["matchLabels"]]
+    if item["kind"] == "Deployment":
+        spread = spec["template"]["spec"].get("topologySpreadConstraints", [])
+        return [spec["selector"]["matchLabels"], *(constraint["labelSelector"]["matchLabels"] for constraint in spread)]
+    return []
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_every_selector_selects_pods(overlay):
+def test_every_selector_selects_one_deployments_pods(overlay):
     objects = render(overlay)
-    pods = [item["spec"]["template"] for item in objects if item["kind"] == "Deployment"]
-
-    def selected(labels: dict) -> int:
-        return sum(all(pod["metadata"]["labels"].get(key) == value for key, value in labels.items())
-                   for pod in pods)
-
+    pods = [item["spec"]["template"]["metadata"]["labels"] for item in objects if item["kind"] == "Deployment"]
     for item in objects:
-        spec = item.get("spec", {})
-        selectors = {"Service": [spec.get("selector")], "PodDisruptionBudget": [spec.get("selector", {})],
-                     "NetworkPolicy": [spec.get("podSelector", {})],
-                     "Deployment": [spec.get("selector", {})] + [
-                         constraint["labelSelector"]
-                         for constraint in spec.get("template", {}).get("spec", {}).get(
-                             "topologySpreadConstraints", [])]}.get(item["kind"], [])
-        for selector in selectors:
-            labels = selector.get("matchLabels", selector) if selector else {}
-            assert labels and selected(labels) == 1, f"{item['kind']}/{item['metadata']['name']} selects {labels}"
+        for labels in selectors(item):
+            chosen = [pod for pod in pods if labels and labels.items() <= pod.items()]
+            assert len(chosen) == 1, f"{item['kind']}/{item['metadata']['name']} selects {labels}"
 
 
 def test_pods_run_as_the_images_user():
@@ -432,8 +435,7 @@ def test_pods_run_as_the_images_user():
 def test_secrets_are_created_as_the_readme_says():
     readme = (REPO / "README.md").read_text()
     assert "## Scaling past one host" in readme
-    section = readme[readme.index("## Scaling past one host"):]
-    section = section[:section.find("\n## ", 1)] if "\n## " in section[1:] else section
+    section = readme.split("## Scaling past one host", 1)[1].split("\n## ", 1)[0]
     for overlay in OVERLAYS:
         for item in render(overlay):
             if item["kind"] == "Deployment":
