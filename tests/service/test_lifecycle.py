@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,6 +79,32 @@ def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_eng
         stopping.join(30)
         assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
         assert statuses[0] == "SERVING"
+
+
+def test_shutdown_lets_http_streams_finish_and_answers_503(default_engine):
+    http_port = free_port()
+    server = BackgroundServer(ServerConfig(port=0, http_port=http_port, grace_seconds=30),
+                              lambda: default_engine).start()
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=60)
+    model = api.models.list().data[0].id
+    stream = api.completions.create(model=model, prompt="Tell me about the sea.", max_tokens=24, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+    first = next(iter(stream))
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 30})
+    started = time.perf_counter()
+    stopping.start()
+    health = lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5).status
+    with pytest.raises(urllib.error.HTTPError) as draining:
+        wait_for(lambda: health() != 200)
+    assert draining.value.code == 503
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.completions.create(model=model, prompt="A new request", max_tokens=4)
+    assert refused.value.status_code == 503
+    rest = list(stream)
+    assert sum(len(chunk.choices[0].token_ids) for chunk in [first, *rest]) == 24
+    assert rest[-1].choices[0].finish_reason == "length"
+    stopping.join(30)
+    assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
 
 
 def test_the_serving_modules_import_no_torch():
