@@ -205,7 +205,8 @@ class OpenAIFrontend:
     def _open(self, request: Request, method: str, generation: bool = False) -> _Call:
         call = self.servicer.open_call(method, f"http:{request.client.host if request.client else '?'}",
                                        generation)
-        call.request_id = request.headers.get("x-request-id", "")[:MAX_REQUEST_ID_LENGTH]
+        call.carrier = dict(request.headers)
+        call.request_id = call.carrier.get("x-request-id", "")[:MAX_REQUEST_ID_LENGTH]
         return call
 
     def _failed(self, call: _Call, error: BaseException, rename: Callable[[str], str] = str) -> BaseException:

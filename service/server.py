@@ -46,6 +46,7 @@ from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unau
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
+from gptserve.service.tracing import RequestTracer, otlp_provider
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -90,6 +91,7 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = setting(10.0, 0.0)  # streams in flight get this long to finish on shutdown
     stats_seconds: float = setting(10.0, 0.0)  # a log line of throughput and load this often while busy; 0: never
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -140,6 +142,7 @@ class _Call:
     handle: RequestHandle | None = None
     closed: bool = False
     request_id: str = ""  # the client's x-request-id, for a request that names none itself
+    carrier: dict[str, str] = field(default_factory=dict)  # its metadata or headers: a trace context it names
 
 class GenerationServicer(pb_grpc.TextGenerationServicer):
     """Protobuf in, checked request to the scheduler, tokens back out. No generation logic lives here.
@@ -147,8 +150,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     Requests arrive as their raw bytes (see `add_generation_service`) and are parsed here, after the token check
     and inside the call's error handling; parsing and tokenizing run off the event loop."""
 
-    def __init__(self, metrics: Metrics, config: ServerConfig) -> None:
-        self.metrics, self.config = metrics, config
+    def __init__(self, metrics: Metrics, config: ServerConfig, tracer: RequestTracer | None = None) -> None:
+        self.metrics, self.config, self.tracer = metrics, config, tracer
         self.backend: Backend | None = None
         # Generation calls in flight, so a graceful shutdown knows when the last one has finished.
         self.generating = 0
@@ -178,6 +181,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             call.handle.cancel()  # frees the slots at the next step if the request is still running
         self.metrics.requests.labels(call.method, call.code.name).inc()
         self._log_request(call)
+        if self.tracer is not None and call.generation:
+            self.tracer.record(call, call.carrier)
         if call.generation:
             self.generating -= 1
             if not self.generating:
@@ -187,7 +192,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
         # The peer is read now: once a deadline has torn the call down, asking its context segfaults grpc.aio.
         call = self.open_call(method, context.peer(), generation=method.startswith("Generate"))
-        call.request_id = str(dict(context.invocation_metadata() or ()).get("x-request-id", ""))
+        call.carrier = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        call.request_id = call.carrier.get("x-request-id", "")
         try:
             yield call
             call.code = grpc.StatusCode.OK
@@ -397,10 +403,16 @@ class GenerationServer:
     """One server's life: start (listening at once, NOT_SERVING), load the model off the event loop, serve,
     stop gracefully. `load_engine` returns a loaded `service.engine.Engine` (or anything with its interface)."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], metrics: Metrics | None = None,
+                 tracer_provider=None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider for request traces (else one exporting to
+        config.otlp_endpoint, if set)."""
         self.config, self.load_engine = config, load_engine
         self.metrics = metrics or Metrics()
-        self.servicer = GenerationServicer(self.metrics, config)
+        if tracer_provider is None and config.otlp_endpoint:
+            tracer_provider = otlp_provider(config.otlp_endpoint)
+        self.tracer = RequestTracer(tracer_provider) if tracer_provider is not None else None
+        self.servicer = GenerationServicer(self.metrics, config, self.tracer)
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
@@ -527,6 +539,8 @@ class GenerationServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.provider.force_flush)
 
 
 async def _on_daemon_thread(function: Callable[[], T]) -> T:
@@ -585,10 +599,10 @@ async def serve(config: ServerConfig, load_engine: Callable[[], ServedEngine]) -
 class BackgroundServer:
     """A GenerationServer on its own event loop in a thread, for programs and tests that are not asyncio."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine]) -> None:
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], tracer_provider=None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="gptserve-server", daemon=True)
-        self.server = GenerationServer(config, load_engine)
+        self.server = GenerationServer(config, load_engine, tracer_provider=tracer_provider)
 
     @property
     def port(self) -> int | None:

@@ -19,6 +19,9 @@ import grpc
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from gptserve.service.client import SMALL_WINDOW, GenerationClient
@@ -105,6 +108,40 @@ def test_shutdown_lets_http_streams_finish_and_answers_503(default_engine):
     assert rest[-1].choices[0].finish_reason == "length"
     stopping.join(30)
     assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
+
+
+def test_request_phases_are_traced_in_the_clients_trace(tiny_engine):
+    """OpenTelemetry: one span per request, its phases as children, in the trace the client's traceparent names."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    http_port = free_port()
+    server = BackgroundServer(ServerConfig(port=0, http_port=http_port), lambda: tiny_engine,
+                              tracer_provider=provider).start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    try:
+        with GenerationClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            list(client.stub.GenerateStream(
+                pb.GenerateRequest(prompt="Trace me", stopping=pb.StoppingCriteria(max_new_tokens=5, ignore_eos=True)),
+                metadata=(("traceparent", parent),)))
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        api.completions.create(model=api.models.list().data[0].id, prompt="Over HTTP", max_tokens=3,
+                               extra_headers={"x-request-id": "http-42"})
+    finally:
+        server.stop()
+    spans = exporter.get_finished_spans()
+    requests = {span.name: span for span in spans if span.name.startswith("gptserve ")}
+    assert set(requests) == {"gptserve GenerateStream", "gptserve Completions"}
+    grpc_span = requests["gptserve GenerateStream"]
+    assert format(grpc_span.context.trace_id, "032x") == trace_id
+    assert grpc_span.attributes["gptserve.completion_tokens"] == 5
+    assert requests["gptserve Completions"].attributes["gptserve.request_id"] == "http-42"
+    for request in requests.values():
+        phases = {span.name: span for span in spans if span.parent and span.parent.span_id == request.context.span_id}
+        assert set(phases) == {"queue", "prefill", "decode"}
+        assert request.start_time <= phases["queue"].start_time <= phases["prefill"].start_time
+        assert phases["prefill"].end_time <= phases["decode"].start_time + 1 <= request.end_time + 1
 
 
 def test_the_serving_modules_import_no_torch():
