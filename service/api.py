@@ -218,8 +218,8 @@ def tokens_to_proto(events: list[TokenEvent], request: GenerationRequest, tokeni
             for event in events]
 
 
-def matched_stop(sequence: Sequence) -> dict[str, str | int]:
-    """The `matched_stop` oneof of a finished sequence, as keyword arguments."""
+def matched_stop(sequence: Sequence) -> dict:
+    """The `matched_stop` oneof of a finished sequence, as keyword arguments (stop_string or stop_token_id)."""
     reason = sequence.stop_reason
     if reason is None:
         return {}

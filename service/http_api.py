@@ -133,8 +133,9 @@ class OpenAIFrontend:
 
     # Plumbing -----------------------------------------------------------------------------------------------
 
-    async def _invalid(self, request: Request, error: RequestValidationError) -> JSONResponse:
+    async def _invalid(self, request: Request, error: Exception) -> Response:
         """pydantic's complaint about a field's type, as a 400 naming the field."""
+        assert isinstance(error, RequestValidationError)  # registered for it only
         self._check_token(request)  # an unauthenticated caller learns nothing about its request
         first = error.errors()[0]
         location = [str(part) for part in first["loc"] if part != "body"]

@@ -120,9 +120,9 @@ class GenerationFields(BaseModel):
         self._number(stopping, "max_new_tokens", self.length(), "stopping.max_new_tokens")
         stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
         stopping.ignore_eos = self.ignore_eos
-        for index, token in enumerate(self.stop_token_ids or []):
-            if not -2**31 <= token < 2**31:
-                raise InvalidRequest(f"stopping.stop_token_ids[{index}]", f"{token} is out of range")
+        for index, token_id in enumerate(self.stop_token_ids or []):
+            if not -2**31 <= token_id < 2**31:
+                raise InvalidRequest(f"stopping.stop_token_ids[{index}]", f"{token_id} is out of range")
         stopping.stop_token_ids.extend(self.stop_token_ids or [])
         self._number(stopping, "min_tokens", self.min_tokens, "stopping.min_tokens")
         stopping.include_stop_str_in_output = self.include_stop_str_in_output

@@ -133,10 +133,10 @@ class RequestHandle:
     def timings(self) -> Timings:
         """Of the whole request: its first token is the first of any sequence, its end the last one's."""
         ends = [handle.ended for handle in self.group]
-        end = max(ends) if None not in ends else time.perf_counter()  # type: ignore[type-var]
+        end = max(moment for moment in ends if moment is not None) if None not in ends else time.perf_counter()
         firsts = [handle.first_token for handle in self.group if handle.first_token is not None]
         since = lambda moment: (moment - self.submitted) if moment is not None else 0.0
-        return Timings(queue=since(self.admitted), time_to_first_token=since(min(firsts, default=None)),
+        return Timings(queue=since(self.admitted), time_to_first_token=since(min(firsts) if firsts else None),
                        total=end - self.submitted)
 
     def _receive(self, events: list[TokenEvent], done: bool, error: Exception | None) -> None:
