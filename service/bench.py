@@ -34,6 +34,7 @@ from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.model.sampling import SamplingParams
 from gptserve.service.api import GenerationRequest
 from gptserve.service.client import GenerationClient
+from gptserve.service.errors import ConfigError
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import Scheduler
 
@@ -252,12 +253,23 @@ def _served(targets: dict[str, Target], args) -> list[Figures]:
 
 def run_bench_target(args) -> int:
     """Served figures only, of a server running elsewhere."""
+    import httpx
+
     from gptserve.service.client import read_token
 
     target = Target(args.target, read_token(args.token_file), args.tls or bool(args.tls_ca), args.tls_ca)
     print(f"target: {args.target} over {args.protocol[0]}; greedy, EOS ignored, {args.max_new_tokens} new tokens "
           f"each, {args.rounds} per stream", flush=True)
-    return report(_served({args.protocol[0]: target}, args), args)
+    try:
+        figures = _served({args.protocol[0]: target}, args)
+    except grpc.RpcError as error:
+        raise ConfigError("--target", f"{args.target}: {error.code().name}: {error.details()}") from None
+    except httpx.HTTPStatusError as error:
+        raise ConfigError("--target", f"{args.target}: HTTP {error.response.status_code}: "
+                                      f"{error.response.text[:300]}") from None
+    except (httpx.HTTPError, OSError) as error:
+        raise ConfigError("--target", f"{args.target}: {error}") from None
+    return report(figures, args)
 
 
 def run_bench(folder: Path, args) -> int:
