@@ -543,6 +543,14 @@ class GenerationServer:
             await asyncio.to_thread(self.tracer.provider.force_flush)
 
 
+async def _cancel_the_rest() -> None:
+    """Ends the tasks libraries left on a loop that is about to close (sse-starlette's shutdown watcher)."""
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
 async def _on_daemon_thread(function: Callable[[], T]) -> T:
     """`function()` on a daemon thread of its own. asyncio.to_thread's executor is joined when asyncio.run ends,
     so a SIGTERM during a long model load would wait for the load; nothing waits for a daemon thread."""
@@ -633,6 +641,7 @@ class BackgroundServer:
     def stop(self, grace: float = 0.0) -> None:
         if self.loop.is_running():
             self._run(self.server.stop(grace))
+            self._run(_cancel_the_rest())
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join()
             self.loop.close()
