@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptserve.model.generation import FinishReason, TokenEvent
 from gptserve.service.api import MAX_REQUEST_ID_LENGTH, GenerationRequest, parse_generate_request, parse_input
@@ -82,6 +83,15 @@ async def _respond(request: Request, error: Exception) -> Response:
     return error.response()
 
 
+async def _http_exception(request: Request, error: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route does not take) in OpenAI's form."""
+    assert isinstance(error, StarletteHTTPException)  # registered for it only
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    if error.status_code == 404:
+        message += "; the routes are /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics"
+    return HttpError(error.status_code, "invalid_request_error", message).response()
+
+
 def http_error(error: BaseException, request_id: str | None,
                rename: Callable[[str], str]) -> tuple[HttpError, grpc.StatusCode]:
     """Any failure, through the gRPC edge's own mapping (service/errors.py, which logs a bug once), then to HTTP;
@@ -120,7 +130,9 @@ class OpenAIFrontend:
         self._expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
         self.app = FastAPI(title="gptserve", docs_url=None, redoc_url=None, openapi_url=None)
         self.started = int(time.time())
+        self.app.add_middleware(BodyLimit, limit=config.max_message_bytes)
         self.app.add_exception_handler(HttpError, _respond)
+        self.app.add_exception_handler(StarletteHTTPException, _http_exception)
         self.app.add_exception_handler(RequestValidationError, self._invalid)
         routes = self.app.add_api_route
         routes("/health", self.health, methods=["GET"])
@@ -141,7 +153,8 @@ class OpenAIFrontend:
         location = [str(part) for part in first["loc"] if part != "body"]
         param = location[0] + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:]) \
             if location else None
-        message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']}"
+        message = f"{param}: {first['msg']}" if param else \
+            "request body: not a JSON object (send one, with the header Content-Type: application/json)"
         call = self._open(request, ROUTE_METHODS.get(request.url.path, request.url.path))
         call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
         self.servicer.close_call(call)
@@ -314,6 +327,49 @@ class OpenAIFrontend:
             yield json.dumps(self._failed(call, error, rename).body())  # type: ignore[attr-defined]
         finally:
             self._end_stream(reply, call)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body past `limit` bytes (--max-message-bytes, as gRPC's) is a 413, refused as soon
+    as it is known (its declared length, or the bytes received), whether or not it declared its length."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        # The body is read here, counted, and handed on whole (the app would hold it all anyway).
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its request
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send) -> None:
+        error = HttpError(413, "invalid_request_error", f"request body: more than {self.limit} bytes "
+                          "(--max-message-bytes)", code="request_too_large")
+        await error.response()(scope, receive, send)
 
 
 class Stream(EventSourceResponse):
