@@ -165,7 +165,7 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
         report, canary = certify_step(model, pretrained, staging / graph.file, graph, precision, tolerance, criteria)
         progress(format_report(report))
         if not report.passed:
-            raise ArtifactError(f"parity certification failed; nothing written to {out}\n{format_report(report)}")
+            raise ArtifactError(f"parity certification failed (the report is above); nothing written to {out}")
         manifest = write_step(staging, pretrained, graph, precision, quantization, report, canary)
         _move_into_place(staging, out)
     progress(f"artifact ready: {out}")
