@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -168,15 +169,23 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from gptserve.export.exporter import export
+    from gptserve.export.progress import quiet_libraries
 
+    quiet_libraries(args.verbose)
     export(args.model, args.out, tolerance=args.tolerance, context_length=args.max_context, precision=args.precision)
+    print(args.out)  # stdout: the result alone; what happened on the way is on stderr
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from gptserve.export.artifact import format_report, read_manifest
+    from gptserve.export.artifact import format_report, judgements, read_manifest
 
     manifest = read_manifest(args.artifacts)
+    if args.json:
+        verdict = {"passed": manifest.parity.passed,
+                   "judged_on": [dataclasses.asdict(item) for item in judgements(manifest.parity)]}
+        print(json.dumps({**manifest.to_json(), "verdict": verdict}, indent=2))
+        return 0 if manifest.parity.passed else 1
     model, graph = manifest.model, manifest.graph
     print(f"{model.name} ({model.config.architecture}, {manifest.precision}), from {model.source}")
     print(f"graph: {graph.file}, opset {graph.opset}, {graph.n_layer} layers, KV {graph.kv_layout} "
@@ -377,10 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--tolerance", type=float, default=1e-4, help="fp32 max abs logits difference allowed")
     export.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="int8/int4: weight-only MatMulNBits for CPU; fp16: for GPUs (certified structurally)")
+    export.add_argument("-v", "--verbose", action="store_true",
+                        help="also show what torch, onnxscript and ONNX Runtime log and warn while exporting")
     export.set_defaults(run=run_export)
 
     inspect = commands.add_parser("inspect", help="show an artifact's manifest and parity report")
     inspect.add_argument("artifacts", help="the artifact folder")
+    inspect.add_argument("--json", action="store_true",
+                         help="the manifest as JSON, with the verdict and what it was judged on")
     inspect.set_defaults(run=run_inspect)
 
     add_service_commands(commands)
