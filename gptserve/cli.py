@@ -98,16 +98,26 @@ def report_failure(error: Exception, args: argparse.Namespace) -> int:
 
 
 def add_request_flags(parser: argparse.ArgumentParser) -> None:
-    from gptserve.model.generation import StoppingParams
-    from gptserve.model.sampling import MAX_TEMPERATURE, SamplingParams
-
-    sampling, stopping = SamplingParams(), StoppingParams()
+    """A one-shot generation's flags: the prompt, how to read it, and the sampling flags."""
     parser.add_argument("prompt", help="the prompt text (or the user message, with --chat)")
     parser.add_argument("--chat", action="store_true",
                         help="send the prompt as a user message through the chat template")
     parser.add_argument("--parse-special-tokens", action="store_true",
                         help="a plain prompt's special-token text (e.g. <|im_start|>) becomes control tokens; "
                              "without, it is text (a chat's control tokens always come from its template)")
+    add_sampling_flags(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
+    """How each reply is generated, for `generate`, `client` and `chat` alike."""
+    from gptserve.model.generation import StoppingParams
+    from gptserve.model.sampling import MAX_TEMPERATURE, SamplingParams
+
+    sampling, stopping = SamplingParams(), StoppingParams()
+    parser.add_argument("--system", help="a system message before the user's (implies --chat)")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="each token's log-probability: in the JSON, or after the reply on stderr")
     parser.add_argument("--max-new-tokens", type=int, default=stopping.max_new_tokens,
                         help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=sampling.temperature,
@@ -120,7 +130,6 @@ def add_request_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=sampling.seed, help="for reproducible sampling")
     parser.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="go on past the end-of-sequence token")
-    parser.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
 
 
 def request_params(args: argparse.Namespace):
@@ -133,11 +142,15 @@ def request_params(args: argparse.Namespace):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from gptserve.model.generation import Sequence, StepFunction, generate
+    import time
+
+    from gptserve.model.generation import Sequence, StepFunction, TokenEvent, generate
+    from gptserve.service.client import print_logprobs, reply_json
 
     sampling, stopping = request_params(args)  # before the model is loaded: a mistake costs no time
-    if args.chat and args.parse_special_tokens:
-        return fail("--parse-special-tokens applies to a plain prompt, not to --chat")
+    chat = args.chat or args.system is not None
+    if chat and args.parse_special_tokens:
+        return fail("--parse-special-tokens applies to a plain prompt, not to --chat or --system")
     step: StepFunction  # the engine's, or the eager model's
     if args.artifacts:
         from gptserve.service.engine import Engine
@@ -151,19 +164,36 @@ def run_generate(args: argparse.Namespace) -> int:
         pretrained = load_pretrained(args.model)
         step, tokenizer = EagerStep(pretrained.build()), pretrained.tokenizer
         context_length = pretrained.config.context_length
-    if args.chat:
-        prompt_ids, _ = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    if chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt_ids, _ = tokenizer.encode_chat([*system, {"role": "user", "content": args.prompt}])
     else:
         prompt_ids = tokenizer.encode(args.prompt, parse_special_tokens=args.parse_special_tokens)
     if len(prompt_ids) + stopping.max_new_tokens > context_length:
         return fail(f"{len(prompt_ids)} prompt tokens + max_new_tokens {stopping.max_new_tokens} exceed the context "
                     f"length {context_length}")
-    stream = None if args.json else (lambda event: print(event.text, end="", flush=True))
-    result = generate(step, Sequence(tokenizer, prompt_ids, sampling, stopping), on_token=stream)
+    started, first_token_at, texts = time.perf_counter(), [], []
+
+    def on_token(event: TokenEvent) -> None:
+        if not first_token_at:
+            first_token_at.append(time.perf_counter())
+        texts.append(event.text)
+        if not args.json:
+            print(event.text, end="", flush=True)
+
+    result = generate(step, Sequence(tokenizer, prompt_ids, sampling, stopping), on_token=on_token)
+    total, first = time.perf_counter() - started, first_token_at[0] - started
     if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print(f"\n[{result.finish_reason.value}: {len(result.token_ids)} tokens]", file=sys.stderr)
+        print(json.dumps(reply_json(
+            request_id=None, text=result.text, token_ids=result.token_ids, finish_reason=result.finish_reason.value,
+            prompt_tokens=result.prompt_tokens, time_to_first_token_s=first, total_s=total,
+            logprobs=result.logprobs if args.logprobs else None)))
+        return 0
+    print(flush=True)  # the reply's own line ends
+    if args.logprobs:
+        print_logprobs(result.token_ids, result.logprobs, texts)
+    print(f"[{result.finish_reason.value}: {len(result.token_ids)} tokens, first token {first * 1000:.0f} ms, "
+          f"total {total:.2f} s]", file=sys.stderr)
     return 0
 
 
@@ -237,6 +267,20 @@ def run_client(args: argparse.Namespace) -> int:
     from gptserve.service.client import run_client as stream_to_terminal
 
     return stream_to_terminal(args)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from gptserve.service.client import run_chat as converse
+
+    return converse(args)
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
+    parser.add_argument("--token-file", help="bearer token file (default: $GPTSERVE_AUTH_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", help="TLS, trusting this PEM certificate (e.g. the server's self-signed one)")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline in seconds, per reply")
 
 
 def run_bench_serve(args: argparse.Namespace) -> int:
@@ -314,12 +358,14 @@ def add_service_commands(commands) -> None:
 
     client = commands.add_parser("client", help="stream a generation from a running server to the terminal")
     add_request_flags(client)
-    client.add_argument("--target", default="127.0.0.1:50051", help="host:port of the server")
-    client.add_argument("--token-file", help="bearer token file (default: $GPTSERVE_AUTH_TOKEN)")
-    client.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
-    client.add_argument("--tls-ca", help="TLS, trusting this PEM certificate (e.g. the server's self-signed one)")
-    client.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    add_connection_flags(client)
     client.set_defaults(run=run_client)
+
+    chat = commands.add_parser("chat", help="talk with a running server: each line of stdin is a user turn, each "
+                                            "reply streams back, the conversation is kept (Ctrl-D ends it)")
+    add_sampling_flags(chat)
+    add_connection_flags(chat)
+    chat.set_defaults(run=run_chat)
 
     bench = commands.add_parser("bench-serve", help="load-test the gRPC server against the in-process engine")
     bench.add_argument("--artifacts", help="artifact folder (default: the cached export of --model)")
