@@ -17,6 +17,8 @@ import json
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, cast
 
 from gptserve.model.fetch import DEFAULT_MODEL
 
@@ -88,7 +90,8 @@ def report_failure(error: Exception, args: argparse.Namespace) -> int:
         return error.status  # type: ignore[attr-defined]  # the export's own process has said why, in one line
     config_error = loaded_class("gptserve.service.errors", "ConfigError")
     if config_error and isinstance(error, config_error):
-        return fail(f"{setting_source(error.setting, args)}: {error.problem}")
+        refused = cast(Any, error)  # a ConfigError, known by the class of its loaded module
+        return fail(f"{setting_source(refused.setting, args)}: {refused.problem}")
     if is_user_error(error):
         return fail(str(error))
     if isinstance(error, OSError) and error.filename is not None:
@@ -172,7 +175,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if len(prompt_ids) + stopping.max_new_tokens > context_length:
         return fail(f"{len(prompt_ids)} prompt tokens + max_new_tokens {stopping.max_new_tokens} exceed the context "
                     f"length {context_length}")
-    started, first_token_at, texts = time.perf_counter(), [], []
+    started, first_token_at, texts = time.perf_counter(), list[float](), list[str]()
 
     def on_token(event: TokenEvent) -> None:
         if not first_token_at:
@@ -392,10 +395,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def model_spec_help() -> str:
     """The model-spec forms, as model/spec.py's docstring lists them: read from its source, since importing it
     imports torch, which `serve --help` must not."""
-    origin = importlib.util.find_spec("gptserve.model.spec").origin  # type: ignore[union-attr]
-    docstring = ast.get_docstring(ast.parse(open(origin, encoding="utf-8").read()), clean=False) or ""
+    spec = importlib.util.find_spec("gptserve.model.spec")
+    assert spec is not None and spec.origin is not None  # a module of this package
+    docstring = ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8")), clean=False) or ""
     forms = [line for line in docstring.splitlines() if line.startswith("  ")]
     return "model specs (--model):\n" + "\n".join(forms)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser: defaults in its --help, and --debug after the command's name too (`serve --debug`)."""
+
+    def __init__(self, **settings) -> None:
+        super().__init__(formatter_class=HelpFormatter, **settings)
+        # SUPPRESS: unset here, so that `gptserve --debug serve` is not undone by this parser's default.
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show a failure's traceback (also GPTSERVE_DEBUG=1)")
 
 
 def package_version() -> str:
@@ -408,16 +422,11 @@ def package_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     from gptserve.export.quantize import PRECISIONS
 
-    # Flags every command takes, after its name too (`gptserve serve --debug`).
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show a failure's traceback (also GPTSERVE_DEBUG=1)")
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT models on ONNX Runtime, served over gRPC.",
                                      formatter_class=HelpFormatter, epilog=model_spec_help())
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     parser.add_argument("--debug", action="store_true", help="show a failure's traceback (also GPTSERVE_DEBUG=1)")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=functools.partial(
-        argparse.ArgumentParser, formatter_class=HelpFormatter, parents=[common]))
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=CommandParser)
     generate = commands.add_parser("generate", help="generate text locally (eager PyTorch or an ONNX artifact)")
     source = generate.add_mutually_exclusive_group()
     source.add_argument("--model", default=DEFAULT_MODEL, help="model spec (eager PyTorch)")

@@ -52,10 +52,10 @@ def convert(action: argparse.Action, value: object, source: str) -> object:
 def convert_one(action: argparse.Action, value: object, source: str) -> object:
     if isinstance(value, list | dict) or value is None:
         raise SettingError(f"{source}: expected one value, got {value!r}")
-    kind = action.type or str
+    kind = action.type if callable(action.type) else str
     try:
-        # YAML has already typed numbers; a bool is not a number here (`port: yes`).
-        converted = value if isinstance(value, kind) and not isinstance(value, bool) else kind(str(value))
+        # YAML has already typed numbers; a bool (`port: yes`) is not one here.
+        converted = value if type(value) is kind else kind(str(value))
     except (TypeError, ValueError):
         raise SettingError(f"{source}: {value!r} is not a valid {getattr(kind, '__name__', 'value')}") from None
     if action.choices is not None and converted not in action.choices:

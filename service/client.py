@@ -154,9 +154,10 @@ def reply_json(*, request_id: str | None, text: str, token_ids: list[int], finis
                logprobs: list[float] | None = None) -> dict:
     """The one JSON shape of a finished generation, printed by both `gptserve client --json` and `gptserve generate
     --json` (request_id is None where no server named the request); logprobs only when asked for."""
-    reply = {"request_id": request_id, "text": text, "token_ids": token_ids, "finish_reason": finish_reason,
-             "prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
-             "time_to_first_token_s": time_to_first_token_s, "total_s": total_s}
+    reply: dict[str, object] = {"request_id": request_id, "text": text, "token_ids": token_ids,
+                                "finish_reason": finish_reason,
+                                "prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
+                                "time_to_first_token_s": time_to_first_token_s, "total_s": total_s}
     if logprobs is not None:
         reply["logprobs"] = logprobs
     return reply
