@@ -467,12 +467,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "layered", None) is None:
         return args
-    origins = apply_layers(args.layered, args.config or os.environ.get("GPTSERVE_CONFIG"), os.environ)
-    args = parser.parse_args(argv)
-    # A flag given on the command line wins: a mistake in its value is the flag's, not the variable's.
+    # A flag given on the command line wins outright (a repeatable one too, rather than adding to the layers').
     given = {action.dest for action in args.layered._actions for word in argv
              for option in action.option_strings if word == option or word.startswith(option + "=")}
-    args.setting_origins = {dest: source for dest, source in origins.items() if dest not in given}
+    origins = apply_layers(args.layered, args.config or os.environ.get("GPTSERVE_CONFIG"), os.environ, given)
+    args = parser.parse_args(argv)
+    args.setting_origins = origins
     return args
 
 

@@ -8,7 +8,7 @@ value is checked here with its flag's own type and choices, so a mistake names t
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 PREFIX = "GPTSERVE_"
@@ -80,11 +80,13 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def apply_layers(parser: argparse.ArgumentParser, config_file: str | None, environ: Mapping[str, str]) -> dict:
-    """Sets `parser`'s defaults from the config file, then from the environment; returns {dest: where from}
-    for the values it set, so a later range check can name the variable or key rather than a flag never given.
-    An empty variable counts as unset (docker compose passes unset ones empty). Unknown file keys are refused;
-    unknown GPTSERVE_ variables are not, since docker compose's own settings share the prefix."""
+def apply_layers(parser: argparse.ArgumentParser, config_file: str | None, environ: Mapping[str, str],
+                 given: Collection[str] = ()) -> dict:
+    """Sets `parser`'s defaults from the config file, then from the environment, except for the flags `given` on
+    the command line (by dest); returns {dest: where from} for the values it set, so a later range check can name
+    the variable or key rather than a flag never given. An empty variable counts as unset (docker compose passes
+    unset ones empty). Unknown file keys are refused; unknown GPTSERVE_ variables are not, since docker compose's
+    own settings share the prefix."""
     actions = {file_key(action): action for action in layered_actions(parser)}
     values, origins = {}, {}
     if config_file:
@@ -99,5 +101,8 @@ def apply_layers(parser: argparse.ArgumentParser, config_file: str | None, envir
         name = environment_name(action)
         if environ.get(name):
             values[action.dest], origins[action.dest] = convert(action, environ[name], name), name
+    for dest in given:
+        values.pop(dest, None)
+        origins.pop(dest, None)
     parser.set_defaults(**values)
     return origins

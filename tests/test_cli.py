@@ -147,6 +147,8 @@ def test_every_kind_of_flag_from_the_environment(environment):
     assert (args.stall_seconds, args.served_model_name, args.precision) == (2.5, ["gpt", "tiny"], "int8")
     assert args.tls_cert == "cert.pem" and args.max_paused is None
     assert args.setting_origins["stall_seconds"] == "GPTSERVE_STALL_SECONDS"
+    # A repeatable flag on the command line replaces the variable's list; it does not add to it.
+    assert parse(["serve", "--served-model-name", "mine"]).served_model_name == ["mine"]
 
 
 def test_a_yes_no_flag_from_the_file(environment, tmp_path):
