@@ -87,7 +87,7 @@ def report_failure(error: Exception, args: argparse.Namespace) -> int:
     """The one line a failure ends with: its message (a ConfigError names the flag, variable or key it came from)."""
     export_failed = loaded_class("gptserve.service.artifacts", "ExportFailed")
     if export_failed and isinstance(error, export_failed):
-        return error.status  # type: ignore[attr-defined]  # the export's own process has said why, in one line
+        return cast(Any, error).status  # the export's own process has said why, in its one line
     config_error = loaded_class("gptserve.service.errors", "ConfigError")
     if config_error and isinstance(error, config_error):
         refused = cast(Any, error)  # a ConfigError, known by the class of its loaded module
@@ -372,7 +372,7 @@ def add_service_commands(commands) -> None:
 
     bench = commands.add_parser("bench-serve", help="load-test the gRPC server against the in-process engine")
     bench.add_argument("--artifacts", help="artifact folder (default: the cached export of --model)")
-    bench.add_argument("--model", default=DEFAULT_MODEL)
+    bench.add_argument("--model", default=DEFAULT_MODEL, help="model spec, exported into the cache on first use")
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
     bench.add_argument("--rounds", type=int, default=2, help="requests per stream at each concurrency")
