@@ -274,3 +274,22 @@ def test_inspect_says_what_an_fp32_verdict_was_judged_on(tiny_artifact):
     text = gptserve("inspect", str(tiny_artifact)).stdout
     assert "largest max abs logits difference:" in text and "(<= 1e-05: met)" in text
     assert "cases with identical greedy tokens: 6 of 6 (all: met)" in text
+
+
+def test_a_verdict_names_what_failed_and_an_fp16_one_its_structure():
+    from gptserve.export.artifact import format_report, judgements
+    from gptserve.export.manifest import ParityCase, ParityReport, Perplexity
+
+    case = ParityCase("decode_32", 32, 2.5, 0.5, False)
+    failed = ParityReport(precision="int4", reference="eager PyTorch float64", runtime="onnxruntime",
+                          criteria={"min_top1_agreement": 0.6, "max_perplexity_ratio": 1.3}, cases=(case,),
+                          top1_agreement=0.5, perplexity=Perplexity("canary.txt", 256, 20.0, 25.0, 1.25),
+                          contract_mismatches=(), passed=False)
+    assert [(item.measured, item.met) for item in judgements(failed)] == [(0.5, False), (1.25, True)]
+    text = format_report(failed)
+    assert "parity: FAILED" in text and "top-1 agreement over all cases: 0.5 (>= 0.6: NOT met)" in text
+    fp16 = ParityReport(precision="fp16", reference="none", runtime="onnx.checker", criteria={"structure": "valid"},
+                        cases=(), top1_agreement=None, perplexity=None, contract_mismatches=("logits",), passed=False)
+    (structure,) = judgements(fp16)
+    assert structure.measured == "1 mismatched" and not structure.met
+    assert "contract mismatches: logits" in format_report(fp16)
