@@ -12,6 +12,13 @@ from collections.abc import Collection, Mapping
 from pathlib import Path
 
 PREFIX = "GPTSERVE_"
+# GPTSERVE_ variables that name no serve flag: read elsewhere in gptserve, or by docker compose and nginx (the
+# deployment's own settings, which an operator's shell may hold too). Any other is refused: a misspelt variable
+# would otherwise be ignored without a word.
+OTHER_VARIABLES = frozenset({
+    "GPTSERVE_CACHE", "GPTSERVE_AUTH_TOKEN", "GPTSERVE_DEBUG", "GPTSERVE_CONFIG",
+    "GPTSERVE_REPLICAS", "GPTSERVE_BIND", "GPTSERVE_TLS_DIR", "GPTSERVE_UPSTREAM_SERVERS", "GPTSERVE_LB_LISTEN",
+})
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -85,8 +92,7 @@ def apply_layers(parser: argparse.ArgumentParser, config_file: str | None, envir
     """Sets `parser`'s defaults from the config file, then from the environment, except for the flags `given` on
     the command line (by dest); returns {dest: where from} for the values it set, so a later range check can name
     the variable or key rather than a flag never given. An empty variable counts as unset (docker compose passes
-    unset ones empty). Unknown file keys are refused; unknown GPTSERVE_ variables are not, since docker compose's
-    own settings share the prefix."""
+    unset ones empty). Unknown file keys and unknown GPTSERVE_ variables (but OTHER_VARIABLES) are refused."""
     actions = {file_key(action): action for action in layered_actions(parser)}
     values, origins = {}, {}
     if config_file:
@@ -97,6 +103,12 @@ def apply_layers(parser: argparse.ArgumentParser, config_file: str | None, envir
                                    f"`gptserve {parser.prog.split()[-1]} --help` without their dashes")
             source = f"{config_file}: {key}"
             values[action.dest], origins[action.dest] = convert(action, value, source), source
+    known = {environment_name(action) for action in actions.values()} | OTHER_VARIABLES
+    unknown = sorted(name for name, value in environ.items() if name.startswith(PREFIX) and value and name not in known)
+    if unknown:
+        raise SettingError(f"{unknown[0]}: no setting of `gptserve {parser.prog.split()[-1]}` has this name (each "
+                           "flag's variable is GPTSERVE_ and the flag's name: --max-batch-size is "
+                           "GPTSERVE_MAX_BATCH_SIZE)")
     for action in actions.values():
         name = environment_name(action)
         if environ.get(name):

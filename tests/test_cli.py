@@ -193,6 +193,28 @@ def test_a_bad_variable_is_one_line_naming_it(variable, value, words):
     assert_one_line(gptserve("serve", "--port", "0", environment={variable: value}), 2, *words)
 
 
+def test_a_misspelt_variable_is_refused():
+    assert_one_line(gptserve("serve", "--port", "0", environment={"GPTSERVE_MAX_BATCH": "16"}), 2,
+                    "GPTSERVE_MAX_BATCH: no setting of `gptserve serve` has this name")
+
+
+def test_every_variable_the_project_names_is_a_flags_or_known():
+    """Every GPTSERVE_ name in the sources, the deployment files and the README is either a serve flag's variable
+    or one settings.OTHER_VARIABLES lets through, so that no deployment is refused for a variable it sets."""
+    import re
+
+    from gptserve.cli import build_parser
+    from gptserve.settings import OTHER_VARIABLES, environment_name, layered_actions
+
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    named = {name for path in files if not path.startswith("tests/") and (root / path).is_file()
+             for name in re.findall(r"GPTSERVE_[A-Z][A-Z0-9_]*", (root / path).read_text(errors="replace"))}
+    flags = {environment_name(action) for action in layered_actions(build_parser().parse_args(["serve"]).layered)}
+    assert {"GPTSERVE_MAX_BATCH_SIZE", "GPTSERVE_TLS_DIR", "GPTSERVE_CACHE"} <= named
+    assert named - flags - OTHER_VARIABLES == set()
+
+
 def test_a_bad_value_given_as_a_flag_is_the_flags_even_when_a_variable_is_set():
     done = gptserve("serve", "--max-batch-size", "0", environment={"GPTSERVE_MAX_BATCH_SIZE": "0"})
     assert_one_line(done, 2, "--max-batch-size: 0")
