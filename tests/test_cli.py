@@ -243,6 +243,27 @@ def test_docker_compose_passes_each_flag_the_variable_of_its_name():
     assert checked >= 8
 
 
+def test_make_serve_takes_its_settings_and_installs_no_test_extra():
+    """What `make serve` would run (make -n, the install step forced): the serving install with the export extra
+    only, then `gptserve serve` with the flags its variables name, as the real parser reads them."""
+    import shlex
+
+    from gptserve.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["make", "-n", "-W", "pyproject.toml", "serve", "PORT=50052", "HTTP_PORT=0",
+                           "MODEL=hf:org/name", "METRICS_PORT=9999"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    commands = done.stdout.replace("\\\n", " ").splitlines()
+    installs = [command for command in commands if " install " in command and " -e " in command]
+    assert installs and all("'.[export]'" in command for command in installs), installs
+    (serve,) = [command for command in commands if "gptserve serve" in command]
+    args = build_parser().parse_args(shlex.split(serve.split("gptserve", 1)[1]))
+    assert (args.model, args.port, args.http_port, args.metrics_port) == ("hf:org/name", 50052, 0, 9999)
+    default = subprocess.run(["make", "-n", "serve"], cwd=root, capture_output=True, text=True).stdout
+    assert "--port" not in default and "--model" not in default  # left to gptserve's own defaults
+
+
 # An export, as a user runs it.
 
 @pytest.fixture(scope="module")
