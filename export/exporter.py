@@ -38,6 +38,10 @@ OPSET = 23
 SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
 
 
+class CertificationFailed(ArtifactError):
+    """The export ran, and its graph did not pass: not a mistake in what was asked for."""
+
+
 def export_graph(model: GPT, path: Path) -> None:
     config = model.config
     batch, sequence = Dim("batch"), Dim("sequence")
@@ -164,7 +168,7 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
                                       progress)
         progress.line(format_report(report))
         if not report.passed:
-            raise ArtifactError(f"parity certification failed (the report is above); nothing written to {out}")
+            raise CertificationFailed(f"parity certification failed (the report is above); nothing written to {out}")
         manifest = write_step(staging, pretrained, graph, precision, quantization, report, canary)
         _move_into_place(staging, out)
     progress.line(f"artifact ready: {out}")

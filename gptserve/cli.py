@@ -92,8 +92,10 @@ def report_failure(error: Exception, args: argparse.Namespace) -> int:
     if config_error and isinstance(error, config_error):
         refused = cast(Any, error)  # a ConfigError, known by the class of its loaded module
         return fail(f"{setting_source(refused.setting, args)}: {refused.problem}")
+    certification_failed = loaded_class("gptserve.export.exporter", "CertificationFailed")
     if is_user_error(error):
-        return fail(str(error))
+        return fail(str(error), FAILURE if certification_failed and isinstance(error, certification_failed)
+                    else USAGE_ERROR)
     if isinstance(error, OSError) and error.filename is not None:
         return fail(f"{error.filename}: {error.strerror}", FAILURE)
     return fail(f"{type(error).__name__}: {error} (a bug: run again with --debug for the traceback to report)",

@@ -296,6 +296,18 @@ def test_verbose_shows_the_libraries_lines(tmp_path, tiny_folders):
     assert "[export] certifying" in done.stderr
 
 
+def test_a_failed_certification_is_status_1_after_its_report(tmp_path, tiny_folders):
+    """A tiny random model's int4 graph misses the real models' agreement bar (0.49 against 0.6): the export ran as
+    asked and its result failed, which is not a usage mistake."""
+    out = tmp_path / "tiny-int4"
+    done = gptserve("export", "--model", str(tiny_folders["llama"]), "--out", str(out), "--precision", "int4",
+                    timeout=600)
+    *report, last = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and last.startswith("error: parity certification failed"), done.stderr
+    assert "Traceback" not in done.stderr and "top-1 agreement over all cases" in "\n".join(report)
+    assert "(>= 0.6: NOT met)" in done.stderr and done.stdout == "" and not out.exists()
+
+
 def test_inspect_says_what_the_verdict_was_judged_on(quiet_export):
     out, _ = quiet_export
     done = gptserve("inspect", str(out))
