@@ -487,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): nothing to report, and nothing left to flush at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as the shell reports a process ended by SIGPIPE
     except Exception as error:
         if debug:
             raise

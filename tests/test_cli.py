@@ -97,6 +97,15 @@ def test_debug_shows_the_traceback(how):
     assert "ArtifactError: /nonexistent: no manifest.json" in done.stderr
 
 
+def test_a_reader_that_leaves_early_is_no_error(tiny_artifact):
+    """`gptserve inspect --json DIR | head -1`: the pipe closes before the output is written; no traceback."""
+    child = subprocess.Popen([sys.executable, "-m", "gptserve", "inspect", "--json", str(tiny_artifact)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    assert child.wait(60) == 141 and child.stderr.read() == b""
+
+
 def test_version():
     done = gptserve("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"gptserve {version('gptserve')}"
