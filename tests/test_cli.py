@@ -146,6 +146,15 @@ def test_flags_win_over_the_environment_which_wins_over_the_file(environment, tm
     assert parse(["serve"]).max_queue == 7
 
 
+def test_the_readmes_config_file_is_read_as_it_says(environment, tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    config = tmp_path / "serve.yaml"
+    config.write_text(readme.split("```yaml\n", 1)[1].split("```", 1)[0])
+    args = parse(["serve", "--config", str(config)])
+    assert (args.model, args.max_batch_size, args.metrics_port) == ("smollm2-135m-instruct", 16, 9464)
+    assert args.served_model_name == ["gpt", "smollm2"]
+
+
 def test_every_kind_of_flag_from_the_environment(environment):
     environment.setenv("GPTSERVE_STALL_SECONDS", "2.5")
     environment.setenv("GPTSERVE_SERVED_MODEL_NAME", "gpt, tiny")
