@@ -290,8 +290,12 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_bench_serve(args: argparse.Namespace) -> int:
     from gptserve.service.artifacts import ensure_artifact
-    from gptserve.service.bench import run_bench
+    from gptserve.service.bench import run_bench, run_bench_target
 
+    if args.target:
+        if len(args.protocol) != 1:
+            return fail("--target: name the one --protocol it speaks (grpc or openai)")
+        return run_bench_target(args)
     return run_bench(ensure_artifact(args.artifacts, args.model), args)
 
 
@@ -372,7 +376,15 @@ def add_service_commands(commands) -> None:
     add_connection_flags(chat)
     chat.set_defaults(run=run_chat)
 
-    bench = commands.add_parser("bench-serve", help="load-test the gRPC server against the in-process engine")
+    bench = commands.add_parser("bench-serve", help="load-test the server (gRPC and the OpenAI HTTP API) against "
+                                                    "the in-process engine, or a running server with --target")
+    bench.add_argument("--target", help="host:port of a running server to measure instead (behind nginx, TLS and "
+                                        "a token allowed); its served figures only")
+    bench.add_argument("--protocol", nargs="+", choices=["grpc", "openai"], default=["grpc", "openai"],
+                       help="the served paths to measure (one with --target)")
+    bench.add_argument("--token-file", help="bearer token file for --target (default: $GPTSERVE_AUTH_TOKEN)")
+    bench.add_argument("--tls", action="store_true", help="--target over TLS with the system's root certificates")
+    bench.add_argument("--tls-ca", help="--target over TLS, trusting this PEM certificate")
     bench.add_argument("--artifacts", help="artifact folder (default: the cached export of --model)")
     bench.add_argument("--model", default=DEFAULT_MODEL, help="model spec, exported into the cache on first use")
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")

@@ -29,6 +29,9 @@ class StoppingParams:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # end the output like EOS does (even with ignore_eos); ids checked by the edge
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be chosen before this many tokens
+    include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being withheld
 
     def __post_init__(self) -> None:
         if not self.max_new_tokens >= 1:
@@ -36,6 +39,8 @@ class StoppingParams:
         for index, stop in enumerate(self.stop):
             if not 1 <= len(stop) <= MAX_STOP_LENGTH:
                 raise ParameterError(f"stop[{index}]", f"{len(stop)} characters", f"1 to {MAX_STOP_LENGTH}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ParameterError("min_tokens", self.min_tokens, f"0 to max_new_tokens ({self.max_new_tokens})")
 
 
 @dataclass(frozen=True)
@@ -43,23 +48,28 @@ class TokenEvent:
     id: int
     text: str  # the text this token releases; "" while it may still begin a stop string
     logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, when asked for
 
 
 class StopStringFilter:
     """Holds back text that might be the start of a stop string, so a stop string never reaches the client,
     even when it spans several tokens."""
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
+    def __init__(self, stops: tuple[str, ...], include_stop: bool = False) -> None:
         self.stops = tuple(stop for stop in stops if stop)
+        self.include_stop = include_stop
         self.pending = ""
+        self.matched: str | None = None
 
     def feed(self, text: str) -> tuple[str, bool]:
-        """The text safe to release now, and whether a stop string was found (text after it is dropped)."""
+        """The text safe to release now, and whether a stop string was found (text after it is dropped; the
+        stop string itself too, unless include_stop). The earliest match wins."""
         buffer = self.pending + text
-        hits = [index for index in (buffer.find(stop) for stop in self.stops) if index >= 0]
+        hits = [(index, stop) for stop in self.stops if (index := buffer.find(stop)) >= 0]
         if hits:
+            index, self.matched = min(hits, key=lambda hit: hit[0])
             self.pending = ""
-            return buffer[: min(hits)], True
+            return buffer[: index + len(self.matched) if self.include_stop else index], True
         held = max((size for stop in self.stops for size in range(1, len(stop))
                     if buffer.endswith(stop[:size])), default=0)
         self.pending = buffer[len(buffer) - held:]
@@ -79,17 +89,29 @@ class Sequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stopping: StoppingParams = field(default_factory=StoppingParams)
     finish_reason: FinishReason | None = None
+    index: int = 0  # which of a request's n sequences (its own random stream)
+    top_logprobs: int = 0  # most likely alternatives reported with each token
 
     def __post_init__(self) -> None:
-        self.sampler = Sampler(self.sampling)
+        self.sampler = Sampler(self.sampling, self.index)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
-        self.stop_filter = StopStringFilter(self.stopping.stop)
+        self.stop_filter = StopStringFilter(self.stopping.stop, self.stopping.include_stop_str_in_output)
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
         self.text = ""
-        self.eos_ids = set(self.tokenizer.eos_token_ids)
-        # Prompt and output ids, for the repetition penalty.
+        self.eos_ids = set() if self.stopping.ignore_eos else set(self.tokenizer.eos_token_ids)
+        self.stop_ids = set(self.stopping.stop_token_ids) - self.eos_ids
+        self._ending_ids = tuple(sorted(self.eos_ids | self.stop_ids))  # banned until min_tokens
+        # Prompt and output ids, for the repetition penalty; output counts for presence and frequency penalties.
         self._seen = np.array(self.prompt_ids, dtype=np.int64)
+        self._counts: dict[int, int] = {}
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """What ended a STOP: the stop string matched, or the stop token id."""
+        if self.finish_reason is not FinishReason.STOP:
+            return None
+        return self.stop_filter.matched if self.stop_filter.matched is not None else self.token_ids[-1]
 
     @property
     def finished(self) -> bool:
@@ -106,12 +128,14 @@ class Sequence:
     def step(self, logits: np.ndarray) -> TokenEvent:
         """Take the next token from its logits ([V], for the last position)."""
         assert not self.finished, "step() on a finished sequence"
-        token, logprob = self.sampler(logits, self._seen)
+        banned = self._ending_ids if len(self.token_ids) < self.stopping.min_tokens else ()
+        token, logprob, alternatives = self.sampler(logits, self._seen, self._counts, banned, self.top_logprobs)
         self.token_ids.append(token)
         self.logprobs.append(logprob)
         self._seen = np.append(self._seen, token)
-        if token in self.eos_ids and not self.stopping.ignore_eos:
-            self.finish_reason = FinishReason.EOS
+        self._counts[token] = self._counts.get(token, 0) + 1
+        if token in self.eos_ids or token in self.stop_ids:
+            self.finish_reason = FinishReason.EOS if token in self.eos_ids else FinishReason.STOP
             text = self._release_rest()
         else:
             text, stopped = self.stop_filter.feed(self.detokenizer.push(token))
@@ -121,7 +145,7 @@ class Sequence:
             elif stopped:
                 self.finish_reason = FinishReason.STOP
         self.text += text
-        return TokenEvent(token, text, logprob)
+        return TokenEvent(token, text, logprob, alternatives)
 
 
 @dataclass(frozen=True)

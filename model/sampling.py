@@ -14,6 +14,9 @@ import numpy as np
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_SEED = 2**64 - 1  # the request's uint64
+MAX_PENALTY = 2.0  # presence and frequency, as OpenAI allows
+MAX_LOGIT_BIAS = 100.0
+MAX_TOP_LOGPROBS = 20
 
 
 class ParameterError(ValueError):
@@ -22,8 +25,9 @@ class ParameterError(ValueError):
 
     def __init__(self, field: str, value: float | int | str, allowed: str) -> None:
         # A string is our own phrase about the value ("300 characters"), never the user's value itself.
-        super().__init__(f"{field}: {value if isinstance(value, str) else shown(value)}; allowed {allowed}")
         self.field = field
+        self.problem = f"{value if isinstance(value, str) else shown(value)}; allowed {allowed}"
+        super().__init__(f"{field}: {self.problem}")
 
 
 def shown(value: float | int) -> str:
@@ -41,6 +45,12 @@ class SamplingParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # 1 = off; > 1 discourages tokens already in prompt or output
     seed: int | None = None
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0 = off
+    # OpenAI's: subtracted from the logit of every token already in the output, once (presence) or per
+    # occurrence (frequency); 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids checked by the edge
 
     def __post_init__(self) -> None:
         # Each test is written so that NaN fails it too.
@@ -55,6 +65,14 @@ class SamplingParams:
                                  f"(0, {MAX_REPETITION_PENALTY:g}], 1 = off")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise ParameterError("seed", self.seed, f"0 to {MAX_SEED}, or none for a fresh one")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ParameterError("min_p", self.min_p, "0 (off) to 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ParameterError(name, getattr(self, name), f"-{MAX_PENALTY:g} to {MAX_PENALTY:g}, 0 = off")
+        for token, bias in self.logit_bias:
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ParameterError(f"logit_bias[{token}]", bias, f"-{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}")
 
     @property
     def greedy(self) -> bool:
@@ -67,21 +85,34 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Sampler:
-    """One per sequence: holds the sequence's random generator so a seed reproduces its tokens."""
+    """One per sequence: holds the sequence's random generator so a seed reproduces its tokens. `stream` tells
+    apart the sequences of one request (n > 1): the first draws exactly what a lone request with the seed draws."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, stream: int = 0) -> None:
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(params.seed if params.seed is None or not stream else [params.seed, stream])
+        self._bias_ids = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
+        self._bias = np.array([bias for _, bias in params.logit_bias], dtype=np.float64)
 
-    def adjust(self, logits: np.ndarray, seen_ids: np.ndarray) -> np.ndarray:
-        """The logits the choice is made from: repetition penalty applied (as in CTRL and transformers).
-        In float64: a float32 logit divided by the smallest allowed penalty (about 1e-45) stays finite there."""
+    def adjust(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
+               banned: tuple[int, ...] = ()) -> np.ndarray:
+        """The logits the choice is made from: repetition penalty (as in CTRL and transformers) over prompt and
+        output, presence and frequency penalties (as OpenAI) over the output, logit bias, and `banned` ids
+        (-inf). In float64: a float32 logit divided by the smallest allowed penalty (about 1e-45) stays finite."""
         logits = logits.astype(np.float64, copy=True)
-        penalty = self.params.repetition_penalty
-        if penalty != 1.0 and len(seen_ids):
+        params = self.params
+        if params.repetition_penalty != 1.0 and len(seen_ids):
             seen = np.unique(seen_ids)
             values = logits[seen]
-            logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+            logits[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+        if output_counts and (params.presence_penalty or params.frequency_penalty):
+            ids = np.fromiter(output_counts, dtype=np.int64, count=len(output_counts))
+            counts = np.fromiter(output_counts.values(), dtype=np.float64, count=len(output_counts))
+            logits[ids] -= params.presence_penalty + params.frequency_penalty * counts
+        if len(self._bias_ids):
+            logits[self._bias_ids] += self._bias
+        if banned:
+            logits[list(banned)] = -np.inf
         return logits
 
     def choose(self, logits: np.ndarray) -> int:
@@ -95,6 +126,8 @@ class Sampler:
             kth = np.partition(scaled, -params.top_k)[-params.top_k]
             scaled = np.where(scaled < kth, -np.inf, scaled)
         probs = np.exp(scaled)
+        if params.min_p > 0.0:  # the most likely token has probability proportional to exp(0) = 1
+            probs = np.where(probs < params.min_p, 0.0, probs)
         probs /= probs.sum()
         if params.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")
@@ -106,8 +139,20 @@ class Sampler:
             probs = kept / kept.sum()
         return int(self.rng.choice(len(probs), p=probs))
 
-    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray) -> tuple[int, float]:
-        """The next token and its log-probability under the (penalised, untempered) distribution."""
-        adjusted = self.adjust(logits, seen_ids)
+    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
+                 banned: tuple[int, ...] = (), top: int = 0) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+        """The next token, its log-probability under the adjusted (penalised, biased, untempered) distribution,
+        and the `top` most likely tokens with theirs."""
+        adjusted = self.adjust(logits, seen_ids, output_counts, banned)
         token = self.choose(adjusted)
-        return token, float(log_softmax(adjusted)[token])
+        logprobs = log_softmax(adjusted)
+        return token, float(logprobs[token]), top_logprobs(logprobs, top)
+
+
+def top_logprobs(logprobs: np.ndarray, top: int) -> tuple[tuple[int, float], ...]:
+    """The `top` most likely (token id, log-probability) pairs, most likely first."""
+    if top <= 0:
+        return ()
+    best = np.argpartition(-logprobs, top - 1)[:top]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return tuple((int(token), float(logprobs[token])) for token in best)

@@ -206,6 +206,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per served model: it lives as long as the process)
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, as logprobs report it (U+FFFD where it is part of a character)."""
+        return self._backend.decode([token_id], skip_special_tokens=False)
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)

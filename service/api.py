@@ -10,8 +10,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from gptserve.model.generation import FinishReason, StoppingParams, TokenEvent
-from gptserve.model.sampling import ParameterError, SamplingParams
+from gptserve.model.generation import FinishReason, Sequence, StoppingParams, TokenEvent
+from gptserve.model.sampling import MAX_TOP_LOGPROBS, ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from gptserve.service.errors import InvalidRequest, clip
 from gptserve.v1 import generation_pb2 as pb
@@ -32,6 +32,7 @@ class Limits:
     # A text longer than this cannot fit in the context (context_length times the longest token's characters):
     # refused on its length alone, before any time goes into tokenizing it.
     max_prompt_characters: int
+    max_n: int = 1  # sequences of one request: each takes a batch slot
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class GenerationRequest:
     sampling: SamplingParams
     stopping: StoppingParams
     return_logprobs: bool = False
+    n: int = 1
+    top_logprobs: int = 0
 
 
 def read_message(kind: type[M], data: bytes) -> M:
@@ -50,26 +53,37 @@ def read_message(kind: type[M], data: bytes) -> M:
     try:
         return kind.FromString(data)
     except DecodeError as error:
-        raise InvalidRequest(f"request: not a valid {kind.DESCRIPTOR.name} message (malformed protobuf, or a "
+        raise InvalidRequest("request", f"not a valid {kind.DESCRIPTOR.name} message (malformed protobuf, or a "
                              "string field that is not UTF-8)") from error
 
 
 def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
     """Cheap checks first: the prompt is tokenized only once everything else is known to be good."""
     if len(message.request_id) > MAX_REQUEST_ID_LENGTH:
-        raise InvalidRequest(f"request_id: {len(message.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
-    sampling = parse_sampling(message.sampling)
+        raise InvalidRequest("request_id", f"{len(message.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
+    n = message.n if message.HasField("n") else 1
+    if not 1 <= n <= limits.max_n:
+        raise InvalidRequest("n", f"{n}; allowed 1 to {limits.max_n} (each sequence takes a batch slot: "
+                             "--max-batch-size)")
+    if message.top_logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest("top_logprobs", f"{message.top_logprobs}; allowed 0 to {MAX_TOP_LOGPROBS}")
+    if message.top_logprobs and not message.return_logprobs:
+        raise InvalidRequest("top_logprobs", "needs return_logprobs")
+    sampling = parse_sampling(message.sampling, limits)
+    _check_ids("stopping.stop_token_ids", message.stopping.stop_token_ids, limits)
     prompt_ids, _ = parse_input(message, tokenizer, limits)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
-        raise InvalidRequest(f"input: {len(prompt_ids)} prompt tokens; at most {limits.context_length - 1} fit in the "
-                             f"context length {limits.context_length} with room for one new token")
+        raise InvalidRequest("input", f"{len(prompt_ids)} prompt tokens; at most {limits.context_length - 1} fit in "
+                             f"the context length {limits.context_length} with room for one new token")
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex[:16],
         prompt_ids=tuple(prompt_ids),
         sampling=sampling,
         stopping=parse_stopping(message.stopping, len(prompt_ids), limits),
         return_logprobs=message.return_logprobs,
+        n=n,
+        top_logprobs=message.top_logprobs,
     )
 
 
@@ -79,13 +93,13 @@ def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tok
     kind = message.WhichOneof("input")
     if kind is None:
         names = " or ".join(field.name for field in message.DESCRIPTOR.oneofs_by_name["input"].fields)
-        raise InvalidRequest(f"input: missing; set one of {names}")
+        raise InvalidRequest("input", f"missing; set one of {names}")
     if message.parse_special_tokens and kind != "prompt":
-        raise InvalidRequest(f"parse_special_tokens: applies to a prompt only, not to {kind} (chat content is "
+        raise InvalidRequest("parse_special_tokens", f"applies to a prompt only, not to {kind} (chat content is "
                              "always plain text)")
     if kind == "prompt":
         if not message.prompt:
-            raise InvalidRequest("prompt: empty; send at least one character")
+            raise InvalidRequest("prompt", "empty; send at least one character")
         _check_fits("prompt", len(message.prompt), limits)
         return tokenizer.encode(message.prompt, parse_special_tokens=message.parse_special_tokens), message.prompt
     if kind == "messages":
@@ -93,38 +107,45 @@ def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tok
     assert isinstance(message, pb.GenerateRequest)  # a TokenizeRequest's input is a prompt or messages only
     ids = list(message.prompt_token_ids.ids)
     if not ids:
-        raise InvalidRequest("prompt_token_ids.ids: empty; send at least one token id")
-    outside = [(index, token) for index, token in enumerate(ids) if not 0 <= token < limits.vocab_size]
-    if outside:
-        index, token = outside[0]
-        raise InvalidRequest(f"prompt_token_ids.ids[{index}]: {token} is outside the vocabulary; "
-                             f"allowed 0 to {limits.vocab_size - 1}")
+        raise InvalidRequest("prompt_token_ids.ids", "empty; send at least one token id")
+    _check_ids("prompt_token_ids.ids", ids, limits)
     return ids, None
+
+
+def _check_ids(field: str, ids, limits: Limits) -> None:
+    for index, token in enumerate(ids):
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequest(f"{field}[{index}]", f"{token} is outside the vocabulary; allowed 0 to "
+                                 f"{limits.vocab_size - 1}")
 
 
 def encode_chat(messages, tokenizer: Tokenizer, limits: Limits) -> tuple[list[int], str]:
     """The chat's token ids (control tokens from the template only) and the prompt the template rendered."""
     if not messages:
-        raise InvalidRequest("messages.messages: empty; send at least one message")
+        raise InvalidRequest("messages.messages", "empty; send at least one message")
     for index, chat_message in enumerate(messages):
         if chat_message.role not in CHAT_ROLES:
-            raise InvalidRequest(f"messages.messages[{index}].role: {clip(chat_message.role)} is not a chat role; "
-                                 f"allowed {', '.join(CHAT_ROLES)}")
+            raise InvalidRequest(f"messages.messages[{index}].role", f"{clip(chat_message.role)} is not a chat "
+                                 f"role; allowed {', '.join(CHAT_ROLES)}")
     # The template only adds text around the contents, so their length alone can already be too much.
     _check_fits("messages", sum(len(chat_message.content) for chat_message in messages), limits)
     try:
         return tokenizer.encode_chat([{"role": item.role, "content": item.content} for item in messages])
     except TokenizerError as error:  # no template, a template that refuses this chat, or one that rewrites content
-        raise InvalidRequest(f"messages: {error}") from error
+        raise InvalidRequest("messages", str(error)) from error
 
 
 def _check_fits(field: str, characters: int, limits: Limits) -> None:
     if characters > limits.max_prompt_characters:
-        raise InvalidRequest(f"{field}: {characters} characters; at most {limits.max_prompt_characters} can fit in "
+        raise InvalidRequest(field, f"{characters} characters; at most {limits.max_prompt_characters} can fit in "
                              f"the context length {limits.context_length}")
 
 
-def parse_sampling(sampling: pb.SamplingParameters) -> SamplingParams:
+def parse_sampling(sampling: pb.SamplingParameters, limits: Limits) -> SamplingParams:
+    for token in sampling.logit_bias:
+        if not 0 <= token < limits.vocab_size:
+            raise InvalidRequest(f"sampling.logit_bias[{token}]", f"token id outside the vocabulary; allowed 0 to "
+                                 f"{limits.vocab_size - 1}")
     try:
         return SamplingParams(
             temperature=_optional(sampling, "temperature", 0.0),
@@ -132,9 +153,13 @@ def parse_sampling(sampling: pb.SamplingParameters) -> SamplingParams:
             top_p=_optional(sampling, "top_p", 1.0),
             repetition_penalty=_optional(sampling, "repetition_penalty", 1.0),
             seed=sampling.seed if sampling.HasField("seed") else None,
+            min_p=_optional(sampling, "min_p", 0.0),
+            presence_penalty=_optional(sampling, "presence_penalty", 0.0),
+            frequency_penalty=_optional(sampling, "frequency_penalty", 0.0),
+            logit_bias=tuple(sorted(sampling.logit_bias.items())),
         )
     except ParameterError as error:
-        raise InvalidRequest(f"sampling.{error}") from error
+        raise InvalidRequest(f"sampling.{error.field}", error.problem) from error
 
 
 def parse_stopping(stopping: pb.StoppingCriteria, prompt_tokens: int, limits: Limits) -> StoppingParams:
@@ -142,16 +167,20 @@ def parse_stopping(stopping: pb.StoppingCriteria, prompt_tokens: int, limits: Li
     if stopping.HasField("max_new_tokens"):
         max_new_tokens = stopping.max_new_tokens
         if not 1 <= max_new_tokens <= room:
-            raise InvalidRequest(f"stopping.max_new_tokens: {max_new_tokens}; allowed 1 to {room} (context length "
+            raise InvalidRequest("stopping.max_new_tokens", f"{max_new_tokens}; allowed 1 to {room} (context length "
                                  f"{limits.context_length} minus {prompt_tokens} prompt tokens)")
     else:
         max_new_tokens = min(limits.default_max_new_tokens, room)
-    if len(stopping.stop) > limits.max_stop_strings:
-        raise InvalidRequest(f"stopping.stop: {len(stopping.stop)} strings; at most {limits.max_stop_strings}")
+    for name in ("stop", "stop_token_ids"):
+        if len(getattr(stopping, name)) > limits.max_stop_strings:
+            raise InvalidRequest(f"stopping.{name}", f"{len(getattr(stopping, name))} given; at most "
+                                 f"{limits.max_stop_strings} (--max-stop-strings)")
     try:
-        return StoppingParams(max_new_tokens, tuple(stopping.stop), stopping.ignore_eos)
+        return StoppingParams(max_new_tokens, tuple(stopping.stop), stopping.ignore_eos,
+                              tuple(stopping.stop_token_ids), stopping.min_tokens,
+                              stopping.include_stop_str_in_output)
     except ParameterError as error:
-        raise InvalidRequest(f"stopping.{error}") from error
+        raise InvalidRequest(f"stopping.{error.field}", error.problem) from error
 
 
 def _optional(message, name: str, default):
@@ -180,10 +209,21 @@ class Timings:
                           queue_seconds=self.queue)
 
 
-def tokens_to_proto(events: list[TokenEvent], return_logprobs: bool) -> list[pb.Token]:
-    if return_logprobs:
-        return [pb.Token(id=event.id, text=event.text, logprob=event.logprob) for event in events]
-    return [pb.Token(id=event.id, text=event.text) for event in events]
+def tokens_to_proto(events: list[TokenEvent], request: GenerationRequest, tokenizer: Tokenizer) -> list[pb.Token]:
+    if not request.return_logprobs:
+        return [pb.Token(id=event.id, text=event.text) for event in events]
+    return [pb.Token(id=event.id, text=event.text, logprob=event.logprob,
+                     top_logprobs=[pb.TopLogprob(id=token, text=tokenizer.token_text(token), logprob=logprob)
+                                   for token, logprob in event.top_logprobs])
+            for event in events]
+
+
+def matched_stop(sequence: Sequence) -> dict[str, str | int]:
+    """The `matched_stop` oneof of a finished sequence, as keyword arguments."""
+    reason = sequence.stop_reason
+    if reason is None:
+        return {}
+    return {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
 
 
 def usage_to_proto(prompt_tokens: int, completion_tokens: int) -> pb.Usage:

@@ -1,11 +1,14 @@
-"""`gptserve bench-serve`: the gRPC server under 1, 4, 8, 16 concurrent greedy streams, side by side with the
-same engine driven in this process, in one run.
+"""`gptserve bench-serve`: the server under 1, 4, 8, 16 concurrent greedy streams, over gRPC and over the
+OpenAI-compatible HTTP API, side by side with the same engine driven in this process, in one run.
 
-Three ways to run the same requests, one after the other so they never share the CPU:
+The ways to run the same requests, one after the other so they never share the CPU:
   engine     the bare generate loop on the engine (one stream only): the ceiling for one stream
   scheduler  the server's own scheduler in this process, without gRPC: what batching gives
   grpc       a real `gptserve serve` child process, called over a local gRPC channel: what clients see
-Each request ignores EOS, so every stream produces exactly --max-new-tokens tokens.
+  openai     the same child process, called over HTTP (streamed /v1/completions)
+With --target, only the served figures of a server already running elsewhere (behind nginx, over TLS, with a
+token): what a deployment gives. Each request ignores EOS, so every stream produces exactly --max-new-tokens
+tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -123,30 +127,80 @@ async def _scheduler_streams(engine, streams: int, rounds: int, max_new_tokens: 
     return summarise("scheduler", streams, records, time.perf_counter() - started)
 
 
-async def _grpc_streams(target: str, streams: int, rounds: int, max_new_tokens: int) -> Figures:
-    import grpc
+@dataclass(frozen=True)
+class Target:
+    """A running server: host:port, and how to reach it."""
 
-    from gptserve.service.client import build_request
+    address: str
+    token: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+
+
+async def _measure(path: str, streams: int, rounds: int,
+                   one_request: Callable[[str, StreamRecord], Awaitable[None]]) -> Figures:
+    """`streams` concurrent callers, each sending `rounds` requests one after another, after one warm-up request
+    (connection, first allocations)."""
+    records: list[StreamRecord] = []
+
+    async def one_stream(stream: int) -> None:
+        for round_number in range(rounds):
+            record = StreamRecord(time.perf_counter(), [])
+            await one_request(prompt_for(stream, round_number, streams), record)
+            records.append(record)
+
+    await one_stream(0)
+    records.clear()
+    started = time.perf_counter()
+    await asyncio.gather(*(one_stream(stream) for stream in range(streams)))
+    return summarise(path, streams, records, time.perf_counter() - started)
+
+
+async def _grpc_streams(target: Target, streams: int, rounds: int, max_new_tokens: int) -> Figures:
+    from gptserve.service.client import build_request, channel_credentials
     from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
-    records: list[StreamRecord] = []
-    async with grpc.aio.insecure_channel(target) as channel:
+    metadata = (("authorization", f"Bearer {target.token}"),) if target.token else ()
+    credentials = channel_credentials(target.tls, target.ca_file)
+    channel = grpc.aio.secure_channel(target.address, credentials) if credentials else \
+        grpc.aio.insecure_channel(target.address)
+    async with channel:
         stub = pb_grpc.TextGenerationStub(channel)
 
-        async def one_stream(stream: int) -> None:
-            for round_number in range(rounds):
-                request = build_request(prompt_for(stream, round_number, streams), max_new_tokens=max_new_tokens,
-                                        ignore_eos=True)
-                record = StreamRecord(time.perf_counter(), [])
-                async for message in stub.GenerateStream(request):
-                    record.arrivals.extend([time.perf_counter()] * len(message.tokens))
-                records.append(record)
+        async def one_request(prompt: str, record: StreamRecord) -> None:
+            request = build_request(prompt, max_new_tokens=max_new_tokens, ignore_eos=True)
+            async for message in stub.GenerateStream(request, metadata=metadata):
+                record.arrivals.extend([time.perf_counter()] * len(message.tokens))
 
-        await one_stream(0)  # warm-up: connection, first allocations
-        records.clear()
-        started = time.perf_counter()
-        await asyncio.gather(*(one_stream(stream) for stream in range(streams)))
-    return summarise("grpc", streams, records, time.perf_counter() - started)
+        return await _measure("grpc", streams, rounds, one_request)
+
+
+async def _openai_streams(target: Target, streams: int, rounds: int, max_new_tokens: int) -> Figures:
+    """Streamed /v1/completions over HTTP, read as server-sent events; vLLM's `return_token_ids` counts tokens
+    even when one event carries several."""
+    import httpx
+
+    scheme = "https" if target.tls else "http"
+    headers = {"Authorization": f"Bearer {target.token}"} if target.token else {}
+    verify: bool | str = target.ca_file or True
+    async with httpx.AsyncClient(base_url=f"{scheme}://{target.address}", headers=headers, verify=verify,
+                                 timeout=None, limits=httpx.Limits(max_connections=streams + 1)) as client:
+        model = (await client.get("/v1/models")).raise_for_status().json()["data"][0]["id"]
+
+        async def one_request(prompt: str, record: StreamRecord) -> None:
+            body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "return_token_ids": True}
+            async with client.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        tokens = len(json.loads(line[6:])["choices"][0]["token_ids"])
+                        record.arrivals.extend([time.perf_counter()] * tokens)
+
+        return await _measure("openai", streams, rounds, one_request)
+
+
+STREAMS = {"grpc": _grpc_streams, "openai": _openai_streams}
 
 
 def free_port() -> int:
@@ -158,7 +212,7 @@ def free_port() -> int:
 def start_server(folder: Path | str, port: int, *flags: str) -> subprocess.Popen:
     """A `gptserve serve` child process on 127.0.0.1:port, returned once it is SERVING (its exit is an error)."""
     server = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--artifacts", str(folder), "--port",
-                               str(port), "--log-level", "warning", *flags])
+                               str(port), "--http-port", "0", "--log-level", "warning", *flags])
     with GenerationClient(f"127.0.0.1:{port}") as client:
         while server.poll() is None:
             try:
@@ -191,6 +245,21 @@ def format_table(figures: list[Figures]) -> str:
     return "\n".join(lines)
 
 
+def _served(targets: dict[str, Target], args) -> list[Figures]:
+    return [asyncio.run(STREAMS[protocol](target, streams, args.rounds, args.max_new_tokens))
+            for protocol, target in targets.items() for streams in args.concurrency]
+
+
+def run_bench_target(args) -> int:
+    """Served figures only, of a server running elsewhere."""
+    from gptserve.service.client import read_token
+
+    target = Target(args.target, read_token(args.token_file), args.tls or bool(args.tls_ca), args.tls_ca)
+    print(f"target: {args.target} over {args.protocol[0]}; greedy, EOS ignored, {args.max_new_tokens} new tokens "
+          f"each, {args.rounds} per stream", flush=True)
+    return report(_served({args.protocol[0]: target}, args), args)
+
+
 def run_bench(folder: Path, args) -> int:
     from gptserve.service.engine import Engine
 
@@ -203,28 +272,35 @@ def run_bench(folder: Path, args) -> int:
     figures.append(bench_engine_loop(engine, args.rounds, args.max_new_tokens))
     for streams in args.concurrency:
         figures.append(asyncio.run(_scheduler_streams(engine, streams, args.rounds, args.max_new_tokens)))
+    del engine  # the server child loads its own
 
-    port, slots = free_port(), str(max(args.concurrency))
-    server = start_server(folder, port, "--max-batch-size", slots, "--max-queue", slots,
-                          *(["--threads", str(args.threads)] if args.threads else []))
+    port, http_port, slots = free_port(), free_port(), str(max(args.concurrency))
+    server = start_server(folder, port, "--http-port", str(http_port), "--max-batch-size", slots, "--max-queue",
+                          slots, *(["--threads", str(args.threads)] if args.threads else []))
+    addresses = {"grpc": f"127.0.0.1:{port}", "openai": f"127.0.0.1:{http_port}"}
     try:
-        for streams in args.concurrency:
-            figures.append(asyncio.run(_grpc_streams(f"127.0.0.1:{port}", streams, args.rounds, args.max_new_tokens)))
+        figures += _served({protocol: Target(addresses[protocol]) for protocol in args.protocol}, args)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+    return report(figures, args)
 
-    order = {"engine": 0, "scheduler": 1, "grpc": 2}
+
+def report(figures: list[Figures], args) -> int:
+    order = {"engine": 0, "scheduler": 1, "grpc": 2, "openai": 3}
     figures.sort(key=lambda item: (item.streams, order[item.path]))
     print(format_table(figures))
     by_key = {(item.path, item.streams): item for item in figures}
-    if ("grpc", 1) in by_key:
-        one = by_key[("grpc", 1)].tokens_per_second
-        print(f"one stream over gRPC: {one / by_key[('engine', 1)].tokens_per_second:.1%} of the bare engine loop's "
-              f"tokens/s, {one / by_key[('scheduler', 1)].tokens_per_second:.1%} of the in-process scheduler's "
-              "(target: within 10%)")
-        if ("grpc", 8) in by_key:
-            print(f"8 streams over gRPC: {by_key[('grpc', 8)].tokens_per_second / one:.2f}x the aggregate tokens/s "
+    for path, name in (("grpc", "gRPC"), ("openai", "HTTP")):
+        if (path, 1) not in by_key:
+            continue
+        one = by_key[(path, 1)].tokens_per_second
+        if ("engine", 1) in by_key:
+            print(f"one stream over {name}: {one / by_key[('engine', 1)].tokens_per_second:.1%} of the bare engine "
+                  f"loop's tokens/s, {one / by_key[('scheduler', 1)].tokens_per_second:.1%} of the in-process "
+                  "scheduler's (target: within 10%)")
+        if (path, 8) in by_key:
+            print(f"8 streams over {name}: {by_key[(path, 8)].tokens_per_second / one:.2f}x the aggregate tokens/s "
                   "of one (target: at least 4x)")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(item) for item in figures], indent=2) + "\n")

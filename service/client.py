@@ -69,6 +69,13 @@ def build_request(
     return request
 
 
+def channel_credentials(tls: bool, ca_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials trusting `ca_file` (else the system's roots); None for a plaintext channel."""
+    if not (tls or ca_file):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(ca_file).read_bytes() if ca_file else None)
+
+
 class GenerationClient:
     """A blocking client over one channel. With `root_certificates` (PEM bytes) or `tls=True` it uses TLS;
     `token` is sent as `authorization: Bearer TOKEN`."""

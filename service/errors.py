@@ -30,9 +30,14 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
-    """A request field out of range; the message names the field and what it allows."""
+    """A request field out of range; the message names the field (its path in the gRPC request, which the HTTP
+    API renames to its own) and what it allows."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
 
 
 class QueueFull(ServiceError):

@@ -66,8 +66,10 @@ class BatchEngine(Protocol):
 
 
 class RequestHandle:
-    """One request as both sides see it. The engine thread writes the sequence, counters and timestamps; the
-    event loop reads tokens through `updates()` and may `cancel()`."""
+    """One sequence of a request as both sides see it. The engine thread writes the sequence, counters and
+    timestamps; the event loop reads tokens through `updates()` and may `cancel()`. A request for n sequences is
+    its first sequence's handle (the leader, which waits in the queue and whose prompt is read) with the others as
+    its followers: they take their slots with it and start from a copy of its prompt's cache."""
 
     def __init__(self, request: GenerationRequest, sequence: Sequence, scheduler: Scheduler,
                  loop: asyncio.AbstractEventLoop) -> None:
@@ -86,6 +88,12 @@ class RequestHandle:
         self.error: Exception | None = None
         self._events: list[TokenEvent] = []
         self._wakeup = asyncio.Event()
+        self.followers: list[RequestHandle] = []
+
+    @property
+    def group(self) -> list[RequestHandle]:
+        """The request's sequences: this one and its followers."""
+        return [self, *self.followers]
 
     @property
     def unread(self) -> int:
@@ -109,16 +117,26 @@ class RequestHandle:
             if done:
                 return
 
+    def group_updates(self) -> AsyncIterator[tuple[RequestHandle, list[TokenEvent], bool]]:
+        """The updates of every sequence of this request, as they come (see `merge_updates`)."""
+        return merge_updates(self.group)
+
     def cancel(self) -> None:
-        """The client is gone: stop generating at the next step boundary. A no-op once the request has ended."""
-        if not self.done and not self.cancelled:
-            self.cancelled = True
+        """The client is gone: stop generating (every sequence of the request) at the next step boundary. A no-op
+        for the sequences that have ended."""
+        live = [handle for handle in self.group if not handle.done and not handle.cancelled]
+        for handle in live:
+            handle.cancelled = True
+        if live:
             self._scheduler.withdraw(self)
 
     def timings(self) -> Timings:
-        end = self.ended or time.perf_counter()
+        """Of the whole request: its first token is the first of any sequence, its end the last one's."""
+        ends = [handle.ended for handle in self.group]
+        end = max(ends) if None not in ends else time.perf_counter()  # type: ignore[type-var]
+        firsts = [handle.first_token for handle in self.group if handle.first_token is not None]
         since = lambda moment: (moment - self.submitted) if moment is not None else 0.0
-        return Timings(queue=since(self.admitted), time_to_first_token=since(self.first_token),
+        return Timings(queue=since(self.admitted), time_to_first_token=since(min(firsts, default=None)),
                        total=end - self.submitted)
 
     def _receive(self, events: list[TokenEvent], done: bool, error: Exception | None) -> None:
@@ -127,6 +145,31 @@ class RequestHandle:
         self.done = self.done or done or error is not None
         self.error = self.error or error
         self._wakeup.set()
+
+
+async def merge_updates(handles: list[RequestHandle]) -> AsyncIterator[tuple[RequestHandle, list[TokenEvent], bool]]:
+    """The updates of several sequences, as they come: (its handle, tokens, whether it has ended). As with
+    `updates()`, a sequence's tokens count as read once the caller asks for its next update."""
+    if len(handles) == 1:
+        async for events, done in handles[0].updates():
+            yield handles[0], events, done
+        return
+    streams = {handle: handle.updates() for handle in handles}
+    pending = {asyncio.ensure_future(anext(stream)): handle for handle, stream in streams.items()}
+    try:
+        while pending:
+            finished, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                handle = pending.pop(task)
+                try:
+                    events, done = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield handle, events, done
+                pending[asyncio.ensure_future(anext(streams[handle]))] = handle
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 @dataclass(frozen=True)
@@ -227,8 +270,8 @@ class Scheduler:
 
     @property
     def active_count(self) -> int:
-        """Requests admitted and not yet ended: running, reading their prompts, or paused."""
-        return len(self._running) + len(self._prefilling) + len(self._paused)
+        """Sequences admitted and not yet ended: running, reading their prompts, or paused."""
+        return len(self._running) + _width(self._prefilling) + len(self._paused)
 
     @property
     def queued_count(self) -> int:
@@ -239,17 +282,20 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        """Queues a checked request; refused at once when max_batch_size + max_queue requests are in already
-        (paused ones included)."""
-        sequence = Sequence(self.engine.tokenizer, list(request.prompt_ids), request.sampling, request.stopping)
-        handle = RequestHandle(request, sequence, self, asyncio.get_running_loop())
+        """Queues a checked request (its n sequences count n); refused at once when they do not fit beside the
+        max_batch_size + max_queue sequences in already (paused ones included). Returns the leader."""
+        loop = asyncio.get_running_loop()
+        handles = [RequestHandle(request, Sequence(self.engine.tokenizer, list(request.prompt_ids), request.sampling,
+                                                   request.stopping, index=index, top_logprobs=request.top_logprobs),
+                                 self, loop) for index in range(request.n)]
+        handle, handle.followers = handles[0], handles[1:]
         with self._condition:
             if not self._accepting:
                 raise NotServing("the server is shutting down; retry on another replica")
-            if self._outstanding >= self.max_batch_size + self.max_queue:
+            if self._outstanding + request.n > self.max_batch_size + self.max_queue:
                 raise QueueFull(f"the server is full: {self.max_batch_size} requests running and {self.max_queue} "
                                 "waiting (--max-batch-size, --max-queue); retry later")
-            self._outstanding += 1
+            self._outstanding += request.n
             self._waiting.append(handle)
             self.metrics.queue_depth.set(len(self._waiting))
             self._condition.notify()
@@ -260,8 +306,9 @@ class Scheduler:
         with self._condition:
             if handle in self._waiting:
                 self._waiting.remove(handle)
-                self._outstanding -= 1
-                handle.ended = time.perf_counter()
+                self._outstanding -= len(handle.group)
+                for member in handle.group:
+                    member.ended = time.perf_counter()
                 self.metrics.queue_depth.set(len(self._waiting))
             self._condition.notify()
 
@@ -297,7 +344,7 @@ class Scheduler:
             self._flush()
         with self._condition:
             waiting, self._waiting = list(self._waiting), deque()
-        for handle in [*self._admitted, *waiting]:
+        for handle in [*self._admitted, *(member for leader in waiting for member in leader.group)]:
             self._end(handle, NotServing("the server shut down before this request finished"))
         self._flush()
 
@@ -327,15 +374,16 @@ class Scheduler:
         running = [handle for handle in running if handle not in pause]
         paused += pause
         resume: list[RequestHandle] = []
+        reading = _width(prefilling)  # slots of the requests whose prompts are being read
         for handle in [handle for handle in paused if handle.unread <= self.max_unread_tokens // 2]:
-            after = self._slots_taken(len(running) + len(resume) + 1, len(prefilling), len(paused) - len(resume) - 1)
+            after = self._slots_taken(len(running) + len(resume) + 1, reading, len(paused) - len(resume) - 1)
             if after <= self.max_batch_size:
                 resume.append(handle)
-        slots = self._slots_taken(len(running) + len(resume), len(prefilling), len(paused) - len(resume))
+        slots = self._slots_taken(len(running) + len(resume), reading, len(paused) - len(resume))
         admit: list[RequestHandle] = []
-        while self._waiting and slots + len(admit) < self.max_batch_size:
+        while self._waiting and slots + _width(admit) + len(self._waiting[0].group) <= self.max_batch_size:
             admit.append(self._waiting.popleft())
-        self._admitted.update(admit)
+        self._admitted.update(member for handle in admit for member in handle.group)
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
         prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())
         ready = [chunk for chunk in prefill if chunk.completes_prompt]
@@ -364,7 +412,8 @@ class Scheduler:
                 handle.paused = False
         now = time.perf_counter()
         for handle in plan.admit:
-            handle.admitted = now
+            for member in handle.group:
+                member.admitted = now
             self._prefilling[handle] = None
         if plan.prefill:
             self._prefill(plan.prefill)
@@ -386,7 +435,8 @@ class Scheduler:
             log.exception("prefill failed for requests %s", [handle.request.request_id for handle in handles])
             for handle in handles:
                 del self._prefilling[handle]
-                self._end(handle, engine_failure(handle))
+                for member in handle.group:
+                    self._end(member, engine_failure(member))
             return
         if not chunks[0].completes_prompt:  # one chunk of a long prompt: no token yet
             if not chunks[0].start:
@@ -396,10 +446,19 @@ class Scheduler:
             return
         for handle in handles:
             del self._prefilling[handle]
-        keep = self._take_tokens(handles, logits)
+        # Each prompt's row serves every live sequence of its request: their first tokens come from its logits.
+        rows, members = [], []
+        for row, handle in enumerate(handles):
+            for member in handle.group:
+                if member.ended is None:
+                    rows.append(row)
+                    members.append(member)
+        keep = self._take_tokens(members, logits[rows])
         if keep:
-            self._batch = KVCache.join([self._batch, cache if len(keep) == len(handles) else cache.select(keep)])
-            self._running += [handles[row] for row in keep]
+            kept_rows = [rows[index] for index in keep]
+            self._batch = KVCache.join([self._batch, cache if kept_rows == list(range(len(handles)))
+                                        else cache.select(kept_rows)])
+            self._running += [members[index] for index in keep]
 
     def _decode(self) -> None:
         """One step of every running sequence: each feeds its last token."""
@@ -493,6 +552,11 @@ class Scheduler:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: nobody is waiting for these tokens any more
                 pass
+
+
+def _width(leaders) -> int:
+    """Slots the requests of these leaders take: one per sequence."""
+    return sum(len(leader.group) for leader in leaders)
 
 
 def engine_failure(handle: RequestHandle) -> EngineFailure:

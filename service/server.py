@@ -30,10 +30,12 @@ from grpc_reflection.v1alpha import reflection
 
 from gptserve.export.artifact import format_report
 from gptserve.export.manifest import Manifest
+from gptserve.model.generation import TokenEvent
 from gptserve.service.api import (
     FINISH_REASONS,
     GenerationRequest,
     Limits,
+    matched_stop,
     parse_generate_request,
     parse_input,
     read_message,
@@ -41,6 +43,7 @@ from gptserve.service.api import (
     usage_to_proto,
 )
 from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
+from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
 from gptserve.v1 import generation_pb2 as pb
@@ -128,10 +131,12 @@ class _Call:
 
     method: str
     peer: str
+    generation: bool = False  # counted among the calls a graceful shutdown waits for, and logged
     code: grpc.StatusCode = grpc.StatusCode.CANCELLED  # what is left when the client goes away mid-call
     message: str = ""
     request: GenerationRequest | None = None
     handle: RequestHandle | None = None
+    closed: bool = False
 
 
 class GenerationServicer(pb_grpc.TextGenerationServicer):
@@ -154,14 +159,32 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             raise NotServing("the model is still loading; retry shortly")
         return self.backend
 
-    @contextlib.asynccontextmanager
-    async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
-        # The peer is read now: once a deadline has torn the call down, asking its context segfaults grpc.aio.
-        call = _Call(method, context.peer())
-        generation = method.startswith("Generate")
+    def open_call(self, method: str, peer: str, generation: bool) -> _Call:
+        """A call of either API begins: until `close_call`, a generation call holds a graceful shutdown."""
+        call = _Call(method, peer, generation)
         if generation:
             self.generating += 1
             self.idle.clear()
+        return call
+
+    def close_call(self, call: _Call) -> None:
+        """Once per call, whatever ended it: its request stops (if still running), it is counted and logged."""
+        if call.closed:
+            return
+        call.closed = True
+        if call.handle is not None:
+            call.handle.cancel()  # frees the slots at the next step if the request is still running
+        self.metrics.requests.labels(call.method, call.code.name).inc()
+        if call.generation:
+            self._log_request(call)
+            self.generating -= 1
+            if not self.generating:
+                self.idle.set()
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
+        # The peer is read now: once a deadline has torn the call down, asking its context segfaults grpc.aio.
+        call = self.open_call(method, context.peer(), generation=method.startswith("Generate"))
         try:
             yield call
             call.code = grpc.StatusCode.OK
@@ -176,14 +199,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             else:
                 await context.abort(call.code, call.message)
         finally:
-            if call.handle is not None:
-                call.handle.cancel()  # frees the slot at the next step if the request is still running
-            self.metrics.requests.labels(method, call.code.name).inc()
-            if generation:
-                self._log_request(call)
-                self.generating -= 1
-                if not self.generating:
-                    self.idle.set()
+            self.close_call(call)
 
     def _why_gone(self, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
         """The status of a call that ended without a reply of ours: what its client was told."""
@@ -204,7 +220,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         if call.handle is not None:
             sequence, timings = call.handle.sequence, call.handle.timings()
             fields.update(
-                completion_tokens=len(sequence.token_ids),
+                completion_tokens=sum(len(handle.sequence.token_ids) for handle in call.handle.group),
                 finish_reason=sequence.finish_reason.value if sequence.finish_reason else None,
                 queue_s=round(timings.queue, 4), ttft_s=round(timings.time_to_first_token, 4),
                 total_s=round(timings.total, 4),
@@ -219,16 +235,22 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
                 backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
-            async for _ in handle.updates():
-                pass
+            events: dict[RequestHandle, list[TokenEvent]] = {member: [] for member in handle.group}
+            async for member, update, _ in handle.group_updates():
+                events[member] += update
+            tokenizer = backend.engine.tokenizer
+            choices = [pb.Choice(index=member.sequence.index, text=member.sequence.text,
+                                 tokens=tokens_to_proto(events[member], request, tokenizer),
+                                 finish_reason=_finish_reason(member), **matched_stop(member.sequence))
+                       for member in handle.group]
             sequence = handle.sequence
-            assert sequence.finish_reason is not None  # a request that ended without an error has finished
             return pb.GenerateResponse(
                 request_id=request.request_id, text=sequence.text, token_ids=sequence.token_ids,
-                finish_reason=FINISH_REASONS[sequence.finish_reason],
-                usage=usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)),
+                finish_reason=choices[0].finish_reason,
+                usage=usage_to_proto(len(request.prompt_ids), sum(len(member.sequence.token_ids) for member in events)),
                 timings=handle.timings().to_proto(),
                 logprobs=sequence.logprobs if request.return_logprobs else [],
+                choices=choices,
             )
 
     async def GenerateStream(self, data: bytes, context) -> None:
@@ -238,16 +260,20 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
                 backend.limits)
             call.handle = handle = backend.scheduler.submit(request)
+            running, tokenizer = len(handle.group), backend.engine.tokenizer
             # Every token that arrived while the previous message was being written goes out in one message, so a
             # slow reader gets fewer, larger messages; its tokens count as unread until their write completes.
-            async for events, done in handle.updates():
+            async for member, events, done in handle.group_updates():
                 response = pb.GenerateStreamResponse(
-                    request_id=request.request_id, tokens=tokens_to_proto(events, request.return_logprobs))
+                    request_id=request.request_id, tokens=tokens_to_proto(events, request, tokenizer),
+                    index=member.sequence.index)
                 if done:
-                    sequence = handle.sequence
-                    assert sequence.finish_reason is not None  # a request that ended without an error has finished
-                    response.finish_reason = FINISH_REASONS[sequence.finish_reason]
-                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), len(sequence.token_ids)))
+                    response.finish_reason = _finish_reason(member)
+                    response.MergeFrom(pb.GenerateStreamResponse(**matched_stop(member.sequence)))
+                    running -= 1
+                if not running:  # the request's last message
+                    completion = sum(len(sequence.sequence.token_ids) for sequence in handle.group)
+                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), completion))
                     response.timings.CopyFrom(handle.timings().to_proto())
                 try:
                     async with asyncio.timeout(self.config.stall_seconds):  # no task per write, unlike wait_for
@@ -286,6 +312,12 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 active_sequences=scheduler.active_count,
                 queued_requests=scheduler.queued_count,
             )
+
+
+def _finish_reason(handle: RequestHandle) -> pb.FinishReason:
+    finish_reason = handle.sequence.finish_reason
+    assert finish_reason is not None  # a sequence that ended without an error has finished
+    return FINISH_REASONS[finish_reason]
 
 
 def add_generation_service(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
@@ -353,7 +385,10 @@ class GenerationServer:
         self.metrics = metrics or Metrics()
         self.servicer = GenerationServicer(self.metrics, config)
         self.port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
+        self.serving = False  # what the health service says: loaded and not draining
+        self._http: tuple[HttpServer, asyncio.Task] | None = None
         self._metrics_http: WSGIServer | None = None
         self._loading: asyncio.Task | None = None
         self._hurry = asyncio.Event()
@@ -392,6 +427,12 @@ class GenerationServer:
         except RuntimeError as error:  # gRPC says only "Failed to bind"; service/startup.py says why, up front
             raise ConfigError("port", f"cannot listen on {address}") from error
         await self.server.start()
+        if config.http_port:
+            tls = (Path(config.tls_cert_file), Path(config.tls_key_file)) if config.tls_cert_file and \
+                config.tls_key_file else None
+            http_server, task, self.http_port = start_http(OpenAIFrontend(self.servicer, lambda: self.serving),
+                                                           config.host, config.http_port, tls)
+            self._http = (http_server, task)
         if config.metrics_port is not None:
             self._metrics_http = self.metrics.serve_http(config.metrics_port, config.metrics_host)
             self.metrics_port = self._metrics_http.server_port
@@ -404,10 +445,12 @@ class GenerationServer:
                               config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
-                        config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters)
+                        config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters,
+                        max_n=config.max_batch_size)
         self.servicer.backend = Backend(engine, scheduler, limits)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
         log.info("serving %s on %s (%s)", engine.manifest.model.name, engine.execution_provider,
                  f"{config.host}:{self.port}")
 
@@ -419,6 +462,7 @@ class GenerationServer:
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new requests, let generations in flight finish within `grace` seconds, then end."""
         grace = self.config.grace_seconds if grace is None else grace
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         backend = self.backend
         if backend is not None:
@@ -431,6 +475,10 @@ class GenerationServer:
             wait.cancel()
         self.servicer.closing = True
         await self.server.stop(0)
+        if self._http is not None:
+            http_server, task = self._http
+            http_server.should_exit = True
+            await task
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         backend = self.backend  # again: the model may have finished loading during the grace period
@@ -473,8 +521,9 @@ async def serve(config: ServerConfig, load_engine: Callable[[], ServedEngine]) -
         loop.add_signal_handler(signal_number, stopping.set)
     await server.start()
     assert server._loading is not None  # start() began the load
-    scheme = "grpcs" if config.tls_cert_file else "grpc"
-    log.info("listening on %s://%s:%d (NOT_SERVING until the model is loaded)%s", scheme, config.host, server.port,
+    secure = "s" if config.tls_cert_file else ""
+    log.info("listening on grpc%s://%s:%d%s (NOT_SERVING until the model is loaded)%s", secure, config.host,
+             server.port, f" and http{secure}://{config.host}:{server.http_port}/v1" if server.http_port else "",
              f"; metrics on http://{config.metrics_host}:{server.metrics_port}/metrics" if server.metrics_port else "")
     stop_requested = asyncio.create_task(stopping.wait())
     await asyncio.wait([server._loading, stop_requested], return_when=asyncio.FIRST_COMPLETED)
@@ -504,6 +553,10 @@ class BackgroundServer:
     @property
     def port(self) -> int | None:
         return self.server.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.server.http_port
 
     @property
     def metrics(self) -> Metrics:

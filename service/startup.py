@@ -16,6 +16,8 @@ def check_start(config) -> None:
     if config.tls_cert_file:
         check_tls_files(config.tls_cert_file, config.tls_key_file)
     check_port("port", config.host, config.port)
+    if config.http_port:
+        check_port("http_port", config.host, config.http_port)
     if config.metrics_port:
         check_port("metrics_port", config.metrics_host, config.metrics_port)
 

@@ -133,9 +133,11 @@ def test_ports_agree(compose, name):
     aliases = service["networks"]["default"]["aliases"]
     upstream = re.fullmatch(r"server ([\w.-]+):(\d+) resolve;", nginx["environment"]["GPTSERVE_UPSTREAM_SERVERS"])
     assert upstream and upstream[1] in aliases and int(upstream[2]) == parsed.port
-    listen_port = nginx["environment"]["GPTSERVE_LB_LISTEN"].split()[0]
-    (published,) = nginx["ports"]
-    assert published.split(":")[-1] == listen_port
+    http_upstream = re.fullmatch(r"server ([\w.-]+):(\d+) resolve;",
+                                 nginx["environment"]["GPTSERVE_HTTP_UPSTREAM_SERVERS"])
+    assert http_upstream and http_upstream[1] in aliases and int(http_upstream[2]) == parsed.http_port
+    listen_ports = [nginx["environment"][name].split()[0] for name in ("GPTSERVE_LB_LISTEN", "GPTSERVE_HTTP_LB_LISTEN")]
+    assert [published.split(":")[-1] for published in nginx["ports"]] == listen_ports
 
 
 def test_healthcheck_and_export_scripts_are_in_the_images(compose):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,6 +42,7 @@ def free_port() -> int:
 class Replica:
     process: subprocess.Popen
     port: int
+    http_port: int
     metrics_port: int
     log: Path
 
@@ -68,14 +70,15 @@ class Replica:
 
 def start_replica(artifact: Path, folder: Path) -> Replica:
     """`gptserve serve` as a process of its own, as in a container: the token from the environment."""
-    port, metrics_port = free_port(), free_port()
+    port, http_port, metrics_port = free_port(), free_port(), free_port()
     log = folder / f"replica-{port}.log"
     command = [sys.executable, "-m", "gptserve", "serve", "--artifacts", str(artifact), "--host", "127.0.0.1",
-               "--port", str(port), "--metrics-port", str(metrics_port), "--provider", "cpu", "--threads", "1"]
+               "--port", str(port), "--http-port", str(http_port), "--metrics-port", str(metrics_port),
+               "--provider", "cpu", "--threads", "1"]
     with open(log, "wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, cwd=REPO,
                                    env={**os.environ, "GPTSERVE_AUTH_TOKEN": TOKEN})
-    return Replica(process, port, metrics_port, log)
+    return Replica(process, port, http_port, metrics_port, log)
 
 
 def wait_serving(replica: Replica) -> None:
@@ -95,6 +98,7 @@ def wait_serving(replica: Replica) -> None:
 class Balancer:
     process: subprocess.Popen
     port: int
+    http_port: int
     prefix: Path
 
     @property
@@ -107,18 +111,21 @@ class Balancer:
             self.process.wait(10)
 
 
-def start_nginx(nginx: str, prefix: Path, upstream_ports: list[int],
+def start_nginx(nginx: str, prefix: Path, replicas: list[Replica],
                 certificate: tuple[Path, Path] | None = None) -> Balancer:
     """nginx as a plain process under `prefix` (its own pid, logs and temp folders), on the repository's template
     rendered as the nginx image renders it; with `certificate`, TLS as deploy/compose.tls.yml sets it up."""
-    port = free_port()
+    port, http_port = free_port(), free_port()
     conf = prefix / "conf"
     (prefix / "temp").mkdir(parents=True)
     conf.mkdir()
-    servers = " ".join(f"server 127.0.0.1:{upstream};" for upstream in upstream_ports)
+    servers = " ".join(f"server 127.0.0.1:{replica.port};" for replica in replicas)
+    http_servers = " ".join(f"server 127.0.0.1:{replica.http_port};" for replica in replicas)
     listen = f"127.0.0.1:{port} {'ssl http2' if certificate else 'http2'}"
-    rendered = render_template(NGINX_TEMPLATE.read_text(),
-                               {"GPTSERVE_UPSTREAM_SERVERS": servers, "GPTSERVE_LB_LISTEN": listen})
+    http_listen = f"127.0.0.1:{http_port}{' ssl' if certificate else ''}"
+    rendered = render_template(NGINX_TEMPLATE.read_text(), {
+        "GPTSERVE_UPSTREAM_SERVERS": servers, "GPTSERVE_LB_LISTEN": listen,
+        "GPTSERVE_HTTP_UPSTREAM_SERVERS": http_servers, "GPTSERVE_HTTP_LB_LISTEN": http_listen})
     (conf / "gptserve.conf").write_text(rendered)
     if certificate:
         (conf / "gptserve-tls").mkdir()
@@ -146,7 +153,7 @@ def start_nginx(nginx: str, prefix: Path, upstream_ports: list[int],
     assert test.returncode == 0, f"nginx -t rejects the rendered configuration:\n{test.stderr}\n{rendered}"
     process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(conf / "nginx.conf"),
                                 "-e", str(prefix / "error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    balancer = Balancer(process, port, prefix)
+    balancer = Balancer(process, port, http_port, prefix)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -174,7 +181,7 @@ def replicas(tiny_artifact, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def balancer(nginx, replicas, tmp_path_factory):
-    started = start_nginx(nginx, tmp_path_factory.mktemp("nginx"), [replica.port for replica in replicas])
+    started = start_nginx(nginx, tmp_path_factory.mktemp("nginx"), replicas)
     yield started
     started.stop()
 
@@ -232,7 +239,7 @@ def test_the_token_reaches_the_replicas(client, balancer):
 
 
 def test_tls_at_nginx(nginx, replicas, certificate, tmp_path):
-    tls = start_nginx(nginx, tmp_path / "nginx-tls", [replica.port for replica in replicas], certificate)
+    tls = start_nginx(nginx, tmp_path / "nginx-tls", replicas, certificate)
     try:
         root = certificate[0].read_bytes()
         with GenerationClient(tls.target, token=TOKEN, root_certificates=root, timeout=60) as client:
@@ -241,8 +248,43 @@ def test_tls_at_nginx(nginx, replicas, certificate, tmp_path):
         with GenerationClient(tls.target, token=TOKEN, timeout=5) as plaintext:
             with pytest.raises(grpc.RpcError):
                 plaintext.health()
+        http = openai_client(f"https://127.0.0.1:{tls.http_port}/v1",
+                             openai.DefaultHttpxClient(verify=str(certificate[0])))
+        completion = http.completions.create(model=http.models.list().data[0].id, prompt="Over TLS", max_tokens=4,
+                                             temperature=0, extra_body={"ignore_eos": True})
+        assert completion.usage.completion_tokens == 4
     finally:
         tls.stop()
+
+
+def openai_client(base_url: str, http_client=None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url, api_key=TOKEN, http_client=http_client, max_retries=0, timeout=60)
+
+
+def test_openai_streams_through_nginx_are_spread_over_both_replicas(balancer, replicas):
+    """The HTTP API behind nginx: streams reach both replicas, and every token comes through."""
+    http = openai_client(f"http://127.0.0.1:{balancer.http_port}/v1")
+    before = [replica.served("Completions") for replica in replicas]
+    model = http.models.list().data[0].id
+
+    def one(prompt: str) -> tuple[list[int], str]:
+        events = list(http.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True, "return_token_ids": True}))
+        assert events[-1].choices[0].finish_reason == "length"
+        return ([token for event in events for token in event.choices[0].token_ids],
+                "".join(event.choices[0].text for event in events))
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, ["Through nginx"] * 8))
+    served = [replica.served("Completions") - count for replica, count in zip(replicas, before)]
+    assert sum(served) == 8 and min(served) >= 1, served
+    assert all(len(ids) == 6 for ids, _ in results), results
+    assert len(set(map(str, results))) == 1  # greedy: the same whichever replica answered
+    with urllib.request.urlopen(f"http://127.0.0.1:{balancer.http_port}/health", timeout=10) as health:
+        assert health.status == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{balancer.http_port}/v1", api_key="wrong",
+                      max_retries=0).models.list()
 
 
 def test_a_killed_replica_is_routed_around(client, balancer, replicas):

@@ -23,7 +23,7 @@ def draws(params: SamplingParams, count: int = 2000) -> np.ndarray:
 
 
 def test_greedy_takes_the_argmax_with_its_logprob():
-    token, logprob = Sampler(SamplingParams())(LOGITS, NOTHING_SEEN)
+    token, logprob, _ = Sampler(SamplingParams())(LOGITS, NOTHING_SEEN)
     assert token == 2
     assert logprob == pytest.approx(np.log(0.5), abs=1e-6)
 
@@ -72,7 +72,7 @@ WIDE_LOGITS = np.array([30.0, -30.0, 12.5, 30.0, -1e4, 0.0], dtype=np.float32)
 def test_extreme_temperatures_sample(temperature, cut):
     sampler = Sampler(SamplingParams(temperature=temperature, seed=0, **cut))
     for _ in range(20):
-        token, logprob = sampler(WIDE_LOGITS, np.array([0, 2]))
+        token, logprob, _ = sampler(WIDE_LOGITS, np.array([0, 2]))
         assert 0 <= token < len(WIDE_LOGITS) and np.isfinite(logprob)
         if temperature < 1e-20:
             assert token in (0, 3)  # as good as greedy: one of the two largest logits
@@ -82,7 +82,7 @@ def test_extreme_temperatures_sample(temperature, cut):
 def test_a_tiny_repetition_penalty_keeps_logprobs_finite(temperature):
     sampler = Sampler(SamplingParams(temperature=temperature, repetition_penalty=TINY, seed=0))
     for _ in range(20):
-        token, logprob = sampler(WIDE_LOGITS, np.array([1, 2, 5]))
+        token, logprob, _ = sampler(WIDE_LOGITS, np.array([1, 2, 5]))
         assert 0 <= token < len(WIDE_LOGITS) and np.isfinite(logprob)
     assert np.isfinite(sampler.adjust(WIDE_LOGITS, np.array([0, 1, 2]))).all()
 

@@ -49,7 +49,7 @@ def run_serve(cache, *arguments, timeout: float = 60):
     """`gptserve serve ARGUMENTS` in a child process; its exit status and stderr lines. A child still running
     after `timeout` went on to export or load: it is ended, with whatever it started, and the test fails."""
     environment = {**os.environ, "GPTSERVE_CACHE": str(cache)}
-    child = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--port", "0", *arguments],
+    child = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--port", "0", "--http-port", "0", *arguments],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
                              start_new_session=True)
     try:

@@ -119,7 +119,7 @@ def test_clip_and_status_for_keep_messages_short():
     clipped = clip("x" * 5000)
     assert len(clipped) < 80 and "5000 characters" in clipped
     assert clip("a\nb") == "'a\\nb'"
-    code, message = status_for(InvalidRequest("y" * 100_000))
+    code, message = status_for(InvalidRequest("prompt", "y" * 100_000))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and len(message) <= MAX_MESSAGE_CHARACTERS
 
 

@@ -99,7 +99,7 @@ def test_serve_command_client_command_metrics_and_sigterm(tiny_artifact):
     environment = {**os.environ, "GPTSERVE_AUTH_TOKEN": ""}
     server = subprocess.Popen(
         gptserve("serve", "--artifacts", str(tiny_artifact), "--port", str(port), "--metrics-port", str(metrics_port),
-                 "--provider", "cpu", "--grace-seconds", "5"),
+                 "--http-port", "0", "--provider", "cpu", "--grace-seconds", "5"),
         stderr=subprocess.PIPE, text=True, env=environment)
     try:
         with GenerationClient(f"127.0.0.1:{port}", timeout=30) as client:
@@ -138,8 +138,8 @@ def nothing_to_load(tmp_path) -> list[str]:
 
 def refusal(*arguments: str, environment: dict | None = None) -> str:
     """The one line a `gptserve serve` that must not start writes, checked to be one line with a non-zero exit."""
-    done = subprocess.run(gptserve("serve", *arguments), capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "GPTSERVE_AUTH_TOKEN": "", **(environment or {})})
+    done = subprocess.run(gptserve("serve", "--http-port", "0", *arguments), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "GPTSERVE_AUTH_TOKEN": "", **(environment or {})})
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     return lines[0]

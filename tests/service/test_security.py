@@ -63,8 +63,8 @@ def test_tls_serves_clients_that_trust_the_certificate(tiny_engine, tls_files):
 
 def serve_command(*arguments: str, environment: dict | None = None) -> subprocess.CompletedProcess:
     """`gptserve serve` with arguments that must make it refuse to start (it is killed after 60 s otherwise)."""
-    return subprocess.run([sys.executable, "-m", "gptserve", "serve", *arguments], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, **(environment or {})})
+    return subprocess.run([sys.executable, "-m", "gptserve", "serve", "--http-port", "0", *arguments],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **(environment or {})})
 
 
 @pytest.mark.parametrize("content", ["", "  \n\t\n"])

@@ -1,0 +1,473 @@
+"""The OpenAI-compatible HTTP API, in the gRPC server's process and on its scheduler: HTTP and gRPC requests
+batch together.
+
+A request is read into pydantic models (service/openai_schema.py), turned into the gRPC GenerateRequest it
+means and checked by the very same rules (service/api.py); an error names the field as this API spells it
+(`max_tokens`, not `stopping.max_new_tokens`). Streams are server-sent events (sse-starlette) ending in
+`data: [DONE]`. Defaults are OpenAI's where they differ from gRPC's: an unset temperature samples at 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+
+from gptserve.model.generation import FinishReason, TokenEvent
+from gptserve.service.api import GenerationRequest, parse_generate_request, parse_input
+from gptserve.service.errors import ConfigError, InvalidRequest, NotServing, ServiceError, status_for
+from gptserve.service.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerationFields,
+    TokenizeRequest,
+    chat_messages,
+)
+from gptserve.service.scheduler import RequestHandle, merge_updates
+from gptserve.v1 import generation_pb2 as pb
+
+if TYPE_CHECKING:
+    from gptserve.service.server import Backend, GenerationServicer, _Call
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+}
+FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+
+
+class ModelNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class HttpError(Exception):
+    """A failure as this API reports it: status, OpenAI's error type and code, and the parameter at fault."""
+
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.param, self.code = status, kind, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+async def _respond(request: Request, error: Exception) -> Response:
+    assert isinstance(error, HttpError)  # registered for HttpError only
+    return error.response()
+
+
+def http_error(error: BaseException, request_id: str | None,
+               rename: Callable[[str], str]) -> tuple[HttpError, grpc.StatusCode]:
+    """Any failure, through the gRPC edge's own mapping (service/errors.py, which logs a bug once), then to HTTP;
+    and the gRPC status it maps to."""
+    code, message = status_for(error, request_id)
+    status, kind = HTTP_STATUS.get(code, (500, "server_error"))
+    if isinstance(error, InvalidRequest):
+        param = rename(error.field)
+        return HttpError(status, kind, f"{param}: {error.problem}", param), code
+    if isinstance(error, ModelNotFound):
+        return HttpError(status, kind, message, "model", "model_not_found"), code
+    return HttpError(status, kind, message, code=code.name.lower()), code
+
+
+def renamer(body: GenerationFields) -> Callable[[str], str]:
+    """gRPC field paths (service/api.py's errors) as this request spelled them."""
+    kind = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    length = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+    logprobs = "top_logprobs" if kind == "messages" else "logprobs"
+
+    def rename(field: str) -> str:
+        field = re.sub(r"^(sampling|stopping)\.", "", field)
+        field = re.sub(r"^messages\.messages", "messages", field)
+        field = re.sub(r"^(input|prompt_token_ids\.ids)", kind, field)
+        return {"max_new_tokens": length, "top_logprobs": logprobs}.get(field, field)
+    return rename
+
+
+class OpenAIFrontend:
+    """The routes, over the gRPC servicer's backend, accounting and log."""
+
+    def __init__(self, servicer: GenerationServicer, is_serving: Callable[[], bool]) -> None:
+        self.servicer, self.is_serving = servicer, is_serving
+        config = servicer.config
+        self.config = config
+        self._expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
+        self.app = FastAPI(title="gptserve", docs_url=None, redoc_url=None, openapi_url=None)
+        self.started = int(time.time())
+        self.app.add_exception_handler(HttpError, _respond)
+        self.app.add_exception_handler(RequestValidationError, self._invalid)
+        routes = self.app.add_api_route
+        routes("/health", self.health, methods=["GET"])
+        routes("/metrics", self.metrics, methods=["GET"])
+        routes("/v1/models", self.models, methods=["GET"])
+        routes("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        routes("/v1/completions", self.completions, methods=["POST"])
+        routes("/tokenize", self.tokenize, methods=["POST"])
+        routes("/detokenize", self.detokenize, methods=["POST"])
+
+    # Plumbing -----------------------------------------------------------------------------------------------
+
+    async def _invalid(self, request: Request, error: RequestValidationError) -> JSONResponse:
+        """pydantic's complaint about a field's type, as a 400 naming the field."""
+        self._check_token(request)  # an unauthenticated caller learns nothing about its request
+        first = error.errors()[0]
+        location = [str(part) for part in first["loc"] if part != "body"]
+        param = location[0] + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:]) \
+            if location else None
+        message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']}"
+        self.servicer.metrics.requests.labels(request.url.path, "INVALID_ARGUMENT").inc()
+        return HttpError(400, "invalid_request_error", message, param).response()
+
+    def _check_token(self, request: Request) -> None:
+        if self._expected is None:
+            return
+        supplied = request.headers.get("authorization", "").encode()
+        # Constant-time comparison, as on gRPC: the time taken says nothing about how much of the token matched.
+        if not hmac.compare_digest(supplied, self._expected):
+            raise HttpError(401, "authentication_error", "missing or wrong bearer token: send the header "
+                            "'Authorization: Bearer TOKEN'", code="invalid_api_key")
+
+    def _backend(self, model: str | None) -> Backend:
+        backend = self.servicer.backend
+        if backend is None:
+            raise NotServing("the model is still loading; retry shortly")
+        if model is not None and model not in self.model_names(backend):
+            raise ModelNotFound(f"the model {model!r} does not exist here; this server serves "
+                                f"{', '.join(map(repr, self.model_names(backend)))}")
+        return backend
+
+    def model_names(self, backend: Backend) -> list[str]:
+        return list(dict.fromkeys([backend.engine.manifest.model.name, *self.config.served_model_names]))
+
+    # Routes without generation ----------------------------------------------------------------------------------
+
+    async def health(self) -> Response:
+        """200 only while the gRPC health says SERVING: loaded, not draining."""
+        serving = self.is_serving()
+        return JSONResponse({"status": "SERVING" if serving else "NOT_SERVING"}, status_code=200 if serving else 503)
+
+    async def metrics(self) -> Response:
+        return Response(generate_latest(self.servicer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self, request: Request) -> Response:
+        async with self._call(request, "Models"):
+            backend = self._backend(None)
+            return JSONResponse({"object": "list", "data": [
+                {"id": name, "object": "model", "created": self.started, "owned_by": "gptserve",
+                 "max_model_len": backend.engine.context_length} for name in self.model_names(backend)]})
+
+    async def tokenize(self, request: Request, body: TokenizeRequest) -> Response:
+        async with self._call(request, "Tokenize"):
+            backend = self._backend(body.model)
+            ids, _ = await asyncio.to_thread(parse_input, body.to_proto(), backend.engine.tokenizer, backend.limits)
+            return JSONResponse({"count": len(ids), "max_model_len": backend.engine.context_length, "tokens": ids})
+
+    async def detokenize(self, request: Request, body: DetokenizeRequest) -> Response:
+        async with self._call(request, "Detokenize"):
+            backend = self._backend(body.model)
+            vocab = backend.engine.vocab_size
+            for index, token in enumerate(body.tokens):
+                if not 0 <= token < vocab:
+                    raise InvalidRequest(f"tokens[{index}]", f"{token} is outside the vocabulary; allowed 0 to "
+                                         f"{vocab - 1}")
+            return JSONResponse({"prompt": backend.engine.tokenizer.decode(body.tokens)})
+
+    # Generation -----------------------------------------------------------------------------------------------
+
+    def _open(self, request: Request, method: str, generation: bool = False) -> _Call:
+        return self.servicer.open_call(method, f"http:{request.client.host if request.client else '?'}",
+                                       generation)
+
+    def _failed(self, call: _Call, error: BaseException, rename: Callable[[str], str] = str) -> BaseException:
+        """What to raise for a failure of `call`, which is recorded with the status the gRPC API would give."""
+        if isinstance(error, HttpError):
+            call.code = {401: grpc.StatusCode.UNAUTHENTICATED}.get(error.status, grpc.StatusCode.INVALID_ARGUMENT)
+            call.message = error.message
+            return error
+        if isinstance(error, asyncio.CancelledError | GeneratorExit):
+            call.code = grpc.StatusCode.UNAVAILABLE if self.servicer.closing else grpc.StatusCode.CANCELLED
+            return error
+        failure, call.code = http_error(error, call.request.request_id if call.request else None, rename)
+        call.message = failure.message  # logged as its client read it
+        return failure
+
+    @contextlib.asynccontextmanager
+    async def _call(self, request: Request, method: str):
+        """A call that is not a generation: the token check, then its count, and failures as OpenAI's error body."""
+        call = self._open(request, method)
+        try:
+            self._check_token(request)
+            yield call
+            call.code = grpc.StatusCode.OK
+        except BaseException as error:
+            raise self._failed(call, error) from None
+        finally:
+            self.servicer.close_call(call)
+
+    async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
+        return await self._generate(request, body, "ChatCompletions",
+                                    lambda: [pb.GenerateRequest(messages=chat_messages(body.messages))])
+
+    async def completions(self, request: Request, body: CompletionRequest) -> Response:
+        return await self._generate(request, body, "Completions", lambda: [
+            pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt)) if isinstance(prompt, list)
+            else pb.GenerateRequest(prompt=prompt) for prompt in body.prompts()])
+
+    async def _generate(self, request: Request, body: GenerationFields, method: str,
+                        inputs: Callable[[], list[pb.GenerateRequest]]) -> Response:
+        """Checks and queues the request's prompts, then answers whole, or hands the call to its stream."""
+        rename, call = renamer(body), self._open(request, method, generation=True)
+        streaming = False
+        try:
+            self._check_token(request)
+            backend = self._backend(body.model)
+            checked = []
+            for message in inputs():
+                body.fill(message)
+                checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
+                                                       backend.limits))
+            call.request = checked[0]
+            leaders: list[RequestHandle] = []
+            try:  # every prompt queued, or none
+                for item in checked:
+                    leaders.append(backend.scheduler.submit(item))
+            except Exception:
+                for leader in leaders:
+                    leader.cancel()
+                raise
+            call.handle = leaders[0]
+            reply = Reply(body, checked, leaders, backend, body.model or self.model_names(backend)[0])
+            if not body.stream:
+                whole = await self._until_done_or_gone(request, reply)
+                call.code = grpc.StatusCode.OK
+                return JSONResponse(whole)
+            streaming = True
+        except BaseException as error:
+            raise self._failed(call, error, rename) from None
+        finally:
+            if not streaming:
+                self.servicer.close_call(call)
+        return Stream(self._stream(reply, call, rename), lambda: self._end_stream(reply, call),
+                      send_timeout=self.config.stall_seconds)
+
+    def _end_stream(self, reply: Reply, call: _Call) -> None:
+        reply.cancel()
+        self.servicer.close_call(call)
+
+    async def _until_done_or_gone(self, request: Request, reply: Reply) -> dict:
+        """The whole reply; a client that disconnects first cancels the requests within one step."""
+        work = asyncio.ensure_future(reply.whole())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise asyncio.CancelledError
+            return work.result()
+        finally:
+            gone.cancel()
+            work.cancel()
+            reply.cancel()
+
+    async def _stream(self, reply: Reply, call: _Call, rename: Callable[[str], str]) -> AsyncIterator[str]:
+        try:
+            async for chunk in reply.chunks():
+                yield json.dumps(chunk)
+            call.code = grpc.StatusCode.OK
+            yield "[DONE]"
+        except (asyncio.CancelledError, GeneratorExit) as error:  # the client went away: nothing can reach it
+            self._failed(call, error)
+            raise
+        except Exception as error:  # after the 200: the error goes as the stream's last event
+            yield json.dumps(self._failed(call, error, rename).body())  # type: ignore[attr-defined]
+        finally:
+            self._end_stream(reply, call)
+
+
+class Stream(EventSourceResponse):
+    """Server-sent events whose call is closed however the response ends, even if its body never starts (a client
+    gone before the first byte)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None], send_timeout: float) -> None:
+        super().__init__(events, send_timeout=send_timeout, sep="\n")
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has disconnected (the body is already read: what comes next is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Reply:
+    """The OpenAI response to one generation request: its requests' tokens shaped as choices, whole or chunked."""
+
+    def __init__(self, body: GenerationFields, requests: list[GenerationRequest], leaders: list[RequestHandle],
+                 backend: Backend, model: str) -> None:
+        self.body, self.requests, self.leaders, self.model = body, requests, leaders, model
+        self.tokenizer = backend.engine.tokenizer
+        self.chat = isinstance(body, ChatCompletionRequest)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + requests[0].request_id
+        self.created = int(time.time())
+        self.n = requests[0].n
+        # Choice index of each sequence: prompt by prompt, then sequence by sequence, as OpenAI numbers them.
+        self.handles = [member for leader in leaders for member in leader.group]
+        self.index = {handle: number for number, handle in enumerate(self.handles)}
+        self.prompt_of = {handle: requests[position] for position, leader in enumerate(leaders)
+                          for handle in leader.group}
+
+    def cancel(self) -> None:
+        for leader in self.leaders:
+            leader.cancel()
+
+    def _echo(self, handle: RequestHandle) -> str:
+        if self.chat or not getattr(self.body, "echo", False):
+            return ""
+        return self.tokenizer.decode(self.prompt_of[handle].prompt_ids)
+
+    def usage(self) -> dict:
+        prompt = sum(len(request.prompt_ids) for request in self.requests)
+        completion = sum(len(handle.sequence.token_ids) for handle in self.handles)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _head(self) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def _ending(self, handle: RequestHandle) -> dict:
+        sequence = handle.sequence
+        assert sequence.finish_reason is not None  # asked of finished sequences only
+        return {"finish_reason": FINISH_REASONS[sequence.finish_reason], "stop_reason": sequence.stop_reason}
+
+    def _logprobs(self, events: list[TokenEvent], offset: int) -> dict | None:
+        """The choice's logprobs object for these tokens, as the chat or the completions API shapes it."""
+        wanted = self.requests[0].return_logprobs
+        if not wanted:
+            return None
+        text_of = self.tokenizer.token_text
+        if self.chat:
+            return {"content": [{
+                "token": text_of(event.id), "logprob": event.logprob, "bytes": list(text_of(event.id).encode()),
+                "top_logprobs": [{"token": text_of(token), "logprob": logprob, "bytes": list(text_of(token).encode())}
+                                 for token, logprob in event.top_logprobs]} for event in events]}
+        offsets = []
+        for event in events:
+            offsets.append(offset)
+            offset += len(event.text)
+        return {"tokens": [text_of(event.id) for event in events],
+                "token_logprobs": [event.logprob for event in events],
+                "top_logprobs": [{text_of(token): logprob for token, logprob in event.top_logprobs}
+                                 for event in events],
+                "text_offset": offsets}
+
+    def _extras(self, handle: RequestHandle, events: list[TokenEvent]) -> dict:
+        """vLLM's `return_token_ids`: the ids behind the text."""
+        if not self.body.return_token_ids:
+            return {}
+        return {"token_ids": [event.id for event in events],
+                "prompt_token_ids": list(self.prompt_of[handle].prompt_ids)}
+
+    async def whole(self) -> dict:
+        events: dict[RequestHandle, list[TokenEvent]] = {handle: [] for handle in self.handles}
+        async for handle, update, _ in merge_updates(self.handles):
+            events[handle] += update
+        choices = []
+        for handle in self.handles:
+            echo = self._echo(handle)
+            text = echo + handle.sequence.text
+            choice: dict[str, Any] = {"index": self.index[handle]}
+            choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+            choice["logprobs"] = self._logprobs(events[handle], len(echo))
+            choice.update(self._ending(handle), **self._extras(handle, events[handle]))
+            choices.append(choice)
+        return {**self._head(), "choices": choices, "usage": self.usage()}
+
+    async def chunks(self) -> AsyncIterator[dict]:
+        head = self._head() | {"object": "chat.completion.chunk" if self.chat else "text_completion"}
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        usage_field = {"usage": None} if include_usage else {}
+        offsets = {handle: 0 for handle in self.handles}
+        if self.chat:  # the role first, once per choice, as OpenAI streams it
+            for handle in self.handles:
+                yield {**head, "choices": [{"index": self.index[handle], "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}], **usage_field}
+        else:
+            for handle in self.handles:
+                if echo := self._echo(handle):
+                    offsets[handle] = len(echo)
+                    yield {**head, "choices": [{"index": self.index[handle], "text": echo, "logprobs": None,
+                                                "finish_reason": None}], **usage_field}
+        async for handle, events, done in merge_updates(self.handles):
+            text = "".join(event.text for event in events)
+            choice: dict[str, Any] = {"index": self.index[handle]}
+            choice.update({"delta": {"content": text} if text or not done else {}} if self.chat else {"text": text})
+            choice["logprobs"] = self._logprobs(events, offsets[handle])
+            offsets[handle] += len(text)
+            choice.update(self._ending(handle) if done else {"finish_reason": None},
+                          **self._extras(handle, events))
+            if events or done:
+                yield {**head, "choices": [choice], **usage_field}
+        if include_usage:
+            yield {**head, "choices": [], "usage": self.usage()}
+
+
+class HttpServer(uvicorn.Server):
+    """uvicorn on the gRPC server's event loop. Signals stay the gRPC server's: it decides when this one stops."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def start_http(frontend: OpenAIFrontend, host: str, port: int, tls: tuple[Path, Path] | None,
+               ) -> tuple[HttpServer, asyncio.Task, int]:
+    """Serves the frontend on host:port (0 picks a free port): the server, its task and the port it listens on."""
+    try:
+        listener = bind(host, port)
+    except OSError as error:
+        raise ConfigError("http_port", f"cannot listen on {host}:{port}: {error.strerror}") from error
+    config = uvicorn.Config(frontend.app, lifespan="off", log_config=None, access_log=False,
+                            timeout_graceful_shutdown=1, ssl_certfile=tls[0] if tls else None,
+                            ssl_keyfile=tls[1] if tls else None)
+    server = HttpServer(config)
+    return server, asyncio.create_task(server.serve(sockets=[listener])), listener.getsockname()[1]
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The HTTP API's listening socket, bound before the server starts (a port in use is a ConfigError there, and
+    port 0 picks a free one whose number is known at once)."""
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host.strip("[]"), port))
+    listener.listen(2048)
+    listener.setblocking(False)
+    return listener

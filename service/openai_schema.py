@@ -1,0 +1,186 @@
+"""The OpenAI API's request bodies (and vLLM's extra fields under their names), as pydantic models.
+
+pydantic checks only types here; values are checked once, by the gRPC edge's rules (service/api.py), after
+`fill` has written a body into the GenerateRequest it means. Fields OpenAI documents that this server cannot honour
+yet are refused by name rather than ignored; any other unknown field is ignored, as OpenAI's own API does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from gptserve.service.errors import InvalidRequest
+from gptserve.v1 import generation_pb2 as pb
+
+Number = StrictInt | StrictFloat
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "best_of", "suffix",
+               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+class ContentPart(BaseModel):
+    type: str
+    text: StrictStr | None = None
+
+
+class ChatMessage(BaseModel):
+    role: StrictStr
+    content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self, index: int) -> str:
+        """The content as one string: text parts joined by newlines."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for number, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise InvalidRequest(f"messages[{index}].content[{number}]", f"a {part.type[:32]!r} part; this "
+                                     "model reads text parts only")
+        return "\n".join(part.text or "" for part in self.content)
+
+
+def chat_messages(messages: list[ChatMessage]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=item.role, content=item.text(index))
+                                     for index, item in enumerate(messages)])
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class GenerationFields(BaseModel):
+    """What chat and completions requests share."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    max_tokens: StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    n: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: StrictInt | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[StrictStr, Number] | None = None
+    user: StrictStr | None = None
+    # vLLM's
+    top_k: StrictInt | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
+    ignore_eos: StrictBool = False
+    stop_token_ids: list[StrictInt] | None = None
+    min_tokens: StrictInt | None = None
+    include_stop_str_in_output: StrictBool = False
+    return_token_ids: StrictBool = False
+
+    def _refuse_unsupported(self) -> None:
+        """OpenAI fields that would change the output in ways this server does not offer: refused by name, never
+        silently ignored."""
+        extra = self.model_extra or {}
+        for name in UNSUPPORTED:
+            value = extra.get(name)
+            if value is None or value == {"type": "text"} or (name == "best_of" and value == (self.n or 1)):
+                continue
+            raise InvalidRequest(name, "not supported by this server")
+
+    def _number(self, message: Any, name: str, value: Any, field: str | None = None) -> None:
+        """Sets a protobuf field; a value its type cannot hold (a negative uint, an int past 64 bits) is a 400."""
+        if value is None:
+            return
+        try:
+            setattr(message, name, value)
+        except (ValueError, TypeError, OverflowError):
+            raise InvalidRequest(field or name, f"{value!r} is out of range") from None
+
+    def length(self) -> int | None:
+        return self.max_tokens
+
+    def alternatives(self) -> int | None:
+        """None without logprobs; else how many most likely tokens each token lists."""
+        raise NotImplementedError
+
+    def fill(self, request: pb.GenerateRequest) -> None:
+        """Writes this body's settings into `request` (whose input is already set)."""
+        self._refuse_unsupported()
+        sampling, stopping = request.sampling, request.stopping
+        # OpenAI samples at temperature 1 unless told otherwise; gRPC is greedy unless told otherwise.
+        self._number(sampling, "temperature", 1.0 if self.temperature is None else self.temperature,
+                     "sampling.temperature")
+        for name in ("top_p", "seed", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):
+            self._number(sampling, name, getattr(self, name), f"sampling.{name}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.lstrip("-").isdigit() or not -2**31 <= int(token) < 2**31:
+                raise InvalidRequest(f"logit_bias[{token[:32]!r}]", "keys are token ids, as decimal strings")
+            sampling.logit_bias[int(token)] = bias
+        self._number(stopping, "max_new_tokens", self.length(), "stopping.max_new_tokens")
+        stopping.stop.extend([self.stop] if isinstance(self.stop, str) else self.stop or [])
+        stopping.ignore_eos = self.ignore_eos
+        for index, token in enumerate(self.stop_token_ids or []):
+            if not -2**31 <= token < 2**31:
+                raise InvalidRequest(f"stopping.stop_token_ids[{index}]", f"{token} is out of range")
+        stopping.stop_token_ids.extend(self.stop_token_ids or [])
+        self._number(stopping, "min_tokens", self.min_tokens, "stopping.min_tokens")
+        stopping.include_stop_str_in_output = self.include_stop_str_in_output
+        self._number(request, "n", self.n, "n")
+        top = self.alternatives()
+        request.return_logprobs = top is not None
+        self._number(request, "top_logprobs", top or 0, "top_logprobs")
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
+
+    def length(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs", "needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
+
+    def alternatives(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest("echo", "with logprobs (the prompt's log-probabilities) is not supported")
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text, or token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and all(isinstance(item, int) for item in prompt)):
+            return [prompt]  # type: ignore[list-item]
+        if not prompt:
+            raise InvalidRequest("prompt", "empty; send a prompt")
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(BaseModel):
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+
+    def to_proto(self) -> pb.TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequest("prompt", "send exactly one of prompt and messages")
+        if self.messages is not None:
+            return pb.TokenizeRequest(messages=chat_messages(self.messages))
+        return pb.TokenizeRequest(prompt=self.prompt)
+
+
+class DetokenizeRequest(BaseModel):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
+
