@@ -48,9 +48,20 @@ typecheck: $(INSTALLED)
 	for folder in model export service bench; do ln -s "$$PWD/$$folder" build/typecheck/gptserve/$$folder; done
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p gptserve
 
+# checkov scans the Kubernetes manifests (tests/deploy/test_kubernetes.py) from a venv of its own: it pins
+# packaging, boto3 and dozens more that must not move the project's own pins.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_INSTALLED := build/checkov/.installed-$(CHECKOV_VERSION)
+
+$(CHECKOV_INSTALLED):
+	rm -rf build/checkov
+	$(PYTHON) -m venv build/checkov
+	build/checkov/bin/pip install --quiet --disable-pip-version-check "checkov==$(CHECKOV_VERSION)"
+	touch $@
+
 # System packages the tests use: nginx for the load-balancer test (tests/deploy). Installed only where missing,
 # never prompting (CI has no stdin); without root or password-less sudo, or without apt, that test skips instead.
-test-deps:
+test-deps: $(CHECKOV_INSTALLED)
 	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ]; then sudo=""; \
 	elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; \

@@ -54,6 +54,7 @@ SERVE_NUMBERS: dict[str, tuple[type, str]] = {
     "default_max_new_tokens": (int, "when a request does not say"),
     "max_stop_strings": (int, "stop strings one request may send"),
     "max_message_bytes": (int, "largest request or response message"),
+    "stats_seconds": (float, "a log line of throughput, load and KV use this often while busy; 0 = never"),
 }
 
 
@@ -245,22 +246,23 @@ def serve_config(args: argparse.Namespace):
         served_model_names=tuple(args.served_model_name),
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
+        otlp_endpoint=args.otlp_endpoint,
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
-    import logging
 
     from gptserve.service.artifacts import default_precision, ensure_artifact
     from gptserve.service.engine import Engine
+    from gptserve.service.logs import configure as configure_logging
     from gptserve.service.server import serve
     from gptserve.service.startup import check_start
 
     # Everything that can be wrong with the flags, before an export or a model load takes minutes.
     config = serve_config(args)
     check_start(config)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(args.log_level, args.log_format)
     # The default model only when no folder is named: a folder alone is served as it is, or refused.
     model = args.model or (None if args.artifacts else DEFAULT_MODEL)
     folder = ensure_artifact(args.artifacts, model, args.precision or default_precision(args.provider))
@@ -326,6 +328,7 @@ def add_bench_command(commands) -> None:
 def add_service_commands(commands) -> None:
     """serve, client and bench-serve: the gRPC server and its two callers."""
     from gptserve.export.quantize import PRECISIONS
+    from gptserve.service.logs import LOG_FORMATS
     from gptserve.service.server import ServerConfig
 
     defaults = ServerConfig()
@@ -358,8 +361,13 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--metrics-host", default=defaults.metrics_host, help="address of the /metrics endpoint")
     serve.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
                        help="on SIGTERM/SIGINT, how long streams in flight may take to finish")
+    serve.add_argument("--otlp-endpoint", default=defaults.otlp_endpoint,
+                       help="trace requests (queue, prefill, decode) to this OpenTelemetry OTLP/gRPC collector, "
+                            "e.g. http://127.0.0.1:4317 (needs gptserve[otel])")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="the server log's threshold")
+    serve.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                       help="json: one JSON object per line (request lines and stats with their fields on top)")
     serve.add_argument("--config", help="YAML file of settings, keyed by flag (`max-batch-size: 16`); every flag "
                                         "is also read from GPTSERVE_<FLAG> (GPTSERVE_MAX_BATCH_SIZE=16). Flags "
                                         "win over the environment, the environment over the file")

@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 
 from gptserve.model.generation import FinishReason, TokenEvent
-from gptserve.service.api import GenerationRequest, parse_generate_request, parse_input
+from gptserve.service.api import MAX_REQUEST_ID_LENGTH, GenerationRequest, parse_generate_request, parse_input
 from gptserve.service.errors import ConfigError, InvalidRequest, NotServing, ServiceError, status_for
 from gptserve.service.openai_schema import (
     ChatCompletionRequest,
@@ -53,6 +53,8 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
 }
+ROUTE_METHODS = {"/v1/chat/completions": "ChatCompletions", "/v1/completions": "Completions", "/v1/models": "Models",
+                 "/tokenize": "Tokenize", "/detokenize": "Detokenize"}
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 
 
@@ -139,7 +141,9 @@ class OpenAIFrontend:
         param = location[0] + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:]) \
             if location else None
         message = f"{param}: {first['msg']}" if param else f"request body: {first['msg']}"
-        self.servicer.metrics.requests.labels(request.url.path, "INVALID_ARGUMENT").inc()
+        call = self._open(request, ROUTE_METHODS.get(request.url.path, request.url.path))
+        call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
+        self.servicer.close_call(call)
         return HttpError(400, "invalid_request_error", message, param).response()
 
     def _check_token(self, request: Request) -> None:
@@ -199,8 +203,11 @@ class OpenAIFrontend:
     # Generation -----------------------------------------------------------------------------------------------
 
     def _open(self, request: Request, method: str, generation: bool = False) -> _Call:
-        return self.servicer.open_call(method, f"http:{request.client.host if request.client else '?'}",
+        call = self.servicer.open_call(method, f"http:{request.client.host if request.client else '?'}",
                                        generation)
+        call.carrier = dict(request.headers)
+        call.request_id = call.carrier.get("x-request-id", "")[:MAX_REQUEST_ID_LENGTH]
+        return call
 
     def _failed(self, call: _Call, error: BaseException, rename: Callable[[str], str] = str) -> BaseException:
         """What to raise for a failure of `call`, which is recorded with the status the gRPC API would give."""
@@ -248,6 +255,7 @@ class OpenAIFrontend:
             checked = []
             for message in inputs():
                 body.fill(message)
+                message.request_id = call.request_id
                 checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
                                                        backend.limits))
             call.request = checked[0]

@@ -309,6 +309,7 @@ class Scheduler:
                 self._outstanding -= len(handle.group)
                 for member in handle.group:
                     member.ended = time.perf_counter()
+                    self.metrics.finished.labels("cancelled").inc()
                 self.metrics.queue_depth.set(len(self._waiting))
             self._condition.notify()
 
@@ -415,12 +416,23 @@ class Scheduler:
             for member in handle.group:
                 member.admitted = now
             self._prefilling[handle] = None
+            self.metrics.queue_time.observe(now - handle.submitted)
+            self.metrics.prompt_length.observe(len(handle.request.prompt_ids))
         if plan.prefill:
             self._prefill(plan.prefill)
             self._flush()  # first tokens go out now, not one decode step later
         if self._running:
             self._decode()
         self.metrics.active_sequences.set(self.active_count)
+        self._measure_caches()
+
+    def _measure_caches(self) -> None:
+        caches = [self._batch, *self._paused.values(), *self._prefilling.values()]
+        positions = sum(int(cache.lengths.sum()) for cache in caches if cache is not None)
+        self.metrics.kv_cache_tokens.set(positions)
+        context_length = getattr(self.engine, "context_length", None)
+        if context_length:
+            self.metrics.kv_cache_usage.set(positions / (self.max_batch_size * context_length))
 
     def _prefill(self, chunks: tuple[Chunk, ...]) -> None:
         handles = [chunk.handle for chunk in chunks]
@@ -529,6 +541,10 @@ class Scheduler:
             return
         handle.ended = time.perf_counter()
         self._admitted.discard(handle)
+        sequence = handle.sequence
+        reason = sequence.finish_reason.value if sequence.finish_reason else "failed" if error else "cancelled"
+        self.metrics.finished.labels(reason).inc()
+        self.metrics.generation_length.observe(len(sequence.token_ids))
         outgoing = self._outgoing.setdefault(handle, _Outgoing())
         outgoing.done, outgoing.error = True, error
         with self._condition:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import math
 import signal
@@ -33,6 +32,7 @@ from gptserve.export.manifest import Manifest
 from gptserve.model.generation import TokenEvent
 from gptserve.service.api import (
     FINISH_REASONS,
+    MAX_REQUEST_ID_LENGTH,
     GenerationRequest,
     Limits,
     matched_stop,
@@ -46,11 +46,13 @@ from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unau
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
+from gptserve.service.tracing import RequestTracer, otlp_provider
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gptserve.server")
 request_log = logging.getLogger("gptserve.requests")
+stats_log = logging.getLogger("gptserve.stats")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
@@ -88,6 +90,8 @@ class ServerConfig:
     metrics_port: int | None = setting(None, 0, 65535)  # None: no metrics endpoint; 0 picks a free port
     metrics_host: str = "127.0.0.1"
     grace_seconds: float = setting(10.0, 0.0)  # streams in flight get this long to finish on shutdown
+    stats_seconds: float = setting(10.0, 0.0)  # a log line of throughput and load this often while busy; 0: never
+    otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -137,7 +141,8 @@ class _Call:
     request: GenerationRequest | None = None
     handle: RequestHandle | None = None
     closed: bool = False
-
+    request_id: str = ""  # the client's x-request-id, for a request that names none itself
+    carrier: dict[str, str] = field(default_factory=dict)  # its metadata or headers: a trace context it names
 
 class GenerationServicer(pb_grpc.TextGenerationServicer):
     """Protobuf in, checked request to the scheduler, tokens back out. No generation logic lives here.
@@ -145,8 +150,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     Requests arrive as their raw bytes (see `add_generation_service`) and are parsed here, after the token check
     and inside the call's error handling; parsing and tokenizing run off the event loop."""
 
-    def __init__(self, metrics: Metrics, config: ServerConfig) -> None:
-        self.metrics, self.config = metrics, config
+    def __init__(self, metrics: Metrics, config: ServerConfig, tracer: RequestTracer | None = None) -> None:
+        self.metrics, self.config, self.tracer = metrics, config, tracer
         self.backend: Backend | None = None
         # Generation calls in flight, so a graceful shutdown knows when the last one has finished.
         self.generating = 0
@@ -175,8 +180,10 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         if call.handle is not None:
             call.handle.cancel()  # frees the slots at the next step if the request is still running
         self.metrics.requests.labels(call.method, call.code.name).inc()
+        self._log_request(call)
+        if self.tracer is not None and call.generation:
+            self.tracer.record(call, call.carrier)
         if call.generation:
-            self._log_request(call)
             self.generating -= 1
             if not self.generating:
                 self.idle.set()
@@ -185,6 +192,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     async def _rpc(self, method: str, context: grpc.aio.ServicerContext):
         # The peer is read now: once a deadline has torn the call down, asking its context segfaults grpc.aio.
         call = self.open_call(method, context.peer(), generation=method.startswith("Generate"))
+        call.carrier = {key: str(value) for key, value in context.invocation_metadata() or ()}
+        call.request_id = call.carrier.get("x-request-id", "")
         try:
             yield call
             call.code = grpc.StatusCode.OK
@@ -214,7 +223,9 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     def _log_request(self, call: _Call) -> None:
         fields: dict[str, object] = {"method": call.method, "code": call.code.name, "peer": call.peer}
         if call.message:
-            fields["message"] = call.message
+            fields["error"] = call.message
+        if call.request_id:
+            fields["request_id"] = call.request_id[:MAX_REQUEST_ID_LENGTH]
         if call.request is not None:
             fields.update(request_id=call.request.request_id, prompt_tokens=len(call.request.prompt_ids))
         if call.handle is not None:
@@ -226,14 +237,21 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                 total_s=round(timings.total, 4),
             )
             self.metrics.request_duration.observe(timings.total)
-        request_log.info(json.dumps(fields))
+        log_call(fields)
+
+    async def _checked(self, data: bytes, call: _Call, backend: Backend) -> GenerationRequest:
+        """The request from its bytes, checked (off the event loop); named by x-request-id if it names itself not."""
+        message = read_message(pb.GenerateRequest, data)
+        if not message.request_id and call.request_id:
+            message.request_id = call.request_id[:MAX_REQUEST_ID_LENGTH]
+        call.request = await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
+                                               backend.limits)
+        return call.request
 
     async def Generate(self, data: bytes, context) -> pb.GenerateResponse:
         async with self._rpc("Generate", context) as call:
             backend = self._ready()
-            call.request = request = await asyncio.to_thread(
-                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
-                backend.limits)
+            request = await self._checked(data, call, backend)
             call.handle = handle = backend.scheduler.submit(request)
             events: dict[RequestHandle, list[TokenEvent]] = {member: [] for member in handle.group}
             async for member, update, _ in handle.group_updates():
@@ -256,9 +274,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
     async def GenerateStream(self, data: bytes, context) -> None:
         async with self._rpc("GenerateStream", context) as call:
             backend = self._ready()
-            call.request = request = await asyncio.to_thread(
-                parse_generate_request, read_message(pb.GenerateRequest, data), backend.engine.tokenizer,
-                backend.limits)
+            request = await self._checked(data, call, backend)
             call.handle = handle = backend.scheduler.submit(request)
             running, tokenizer = len(handle.group), backend.engine.tokenizer
             # Every token that arrived while the previous message was being written goes out in one message, so a
@@ -314,6 +330,11 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             )
 
 
+def log_call(fields: dict[str, object]) -> None:
+    """One line per call, of either API: its method, status, request id and figures (service/logs.py)."""
+    request_log.info("%s %s", fields["method"], fields["code"], extra={"fields": fields})
+
+
 def _finish_reason(handle: RequestHandle) -> pb.FinishReason:
     finish_reason = handle.sequence.finish_reason
     assert finish_reason is not None  # a sequence that ended without an error has finished
@@ -349,9 +370,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         # Constant-time comparison: the time taken says nothing about how much of the token matched.
         if hmac.compare_digest(str(supplied).encode(), self._expected):
             return handler
-        self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-        return _refusal(handler, Unauthenticated("missing or wrong bearer token: send metadata "
-                                                 "'authorization: Bearer TOKEN'"))
+        method, refusal = details.method.rsplit("/", 1)[-1], Unauthenticated(
+            "missing or wrong bearer token: send metadata 'authorization: Bearer TOKEN'")
+        self.metrics.requests.labels(method, "UNAUTHENTICATED").inc()
+        log_call({"method": method, "code": "UNAUTHENTICATED", "error": str(refusal)})
+        return _refusal(handler, refusal)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, error: Exception) -> grpc.RpcMethodHandler:
@@ -380,15 +403,22 @@ class GenerationServer:
     """One server's life: start (listening at once, NOT_SERVING), load the model off the event loop, serve,
     stop gracefully. `load_engine` returns a loaded `service.engine.Engine` (or anything with its interface)."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], metrics: Metrics | None = None,
+                 tracer_provider=None) -> None:
+        """`tracer_provider`: an OpenTelemetry TracerProvider for request traces (else one exporting to
+        config.otlp_endpoint, if set)."""
         self.config, self.load_engine = config, load_engine
         self.metrics = metrics or Metrics()
-        self.servicer = GenerationServicer(self.metrics, config)
+        if tracer_provider is None and config.otlp_endpoint:
+            tracer_provider = otlp_provider(config.otlp_endpoint)
+        self.tracer = RequestTracer(tracer_provider) if tracer_provider is not None else None
+        self.servicer = GenerationServicer(self.metrics, config, self.tracer)
         self.port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self.serving = False  # what the health service says: loaded and not draining
         self._http: tuple[HttpServer, asyncio.Task] | None = None
+        self._stats: asyncio.Task | None = None
         self._metrics_http: WSGIServer | None = None
         self._loading: asyncio.Task | None = None
         self._hurry = asyncio.Event()
@@ -451,8 +481,28 @@ class GenerationServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True
+        self.metrics.name_model(engine.manifest.model.name)
+        if config.stats_seconds:
+            self._stats = asyncio.create_task(self._log_stats(config.stats_seconds))
         log.info("serving %s on %s (%s)", engine.manifest.model.name, engine.execution_provider,
                  f"{config.host}:{self.port}")
+
+    async def _log_stats(self, every: float) -> None:
+        """Every `every` seconds while there is work: generation throughput, load and KV use."""
+        value = self.metrics.value
+        generated, prompt = value("gptserve_generated_tokens_total"), value("gptserve_prompt_tokens_total")
+        while True:
+            await asyncio.sleep(every)
+            now_generated, now_prompt = value("gptserve_generated_tokens_total"), value("gptserve_prompt_tokens_total")
+            running, waiting = value("gptserve_active_sequences"), value("gptserve_queue_depth")
+            if now_generated > generated or now_prompt > prompt or running or waiting:
+                fields = {"generation_tokens_per_s": round((now_generated - generated) / every, 1),
+                          "prompt_tokens_per_s": round((now_prompt - prompt) / every, 1),
+                          "running": int(running), "waiting": int(waiting),
+                          "kv_cache_tokens": int(value("gptserve_kv_cache_tokens")),
+                          "kv_cache_usage": round(value("gptserve_kv_cache_usage_ratio"), 4)}
+                stats_log.info("stats", extra={"fields": fields})
+            generated, prompt = now_generated, now_prompt
 
     async def wait_ready(self) -> None:
         """Returns once the model is loaded; raises what loading it raised."""
@@ -481,12 +531,16 @@ class GenerationServer:
             await task
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
+        if self._stats is not None:
+            self._stats.cancel()
         backend = self.backend  # again: the model may have finished loading during the grace period
         if backend is not None:
             await asyncio.to_thread(backend.scheduler.stop)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self.tracer is not None:
+            await asyncio.to_thread(self.tracer.provider.force_flush)
 
 
 async def _on_daemon_thread(function: Callable[[], T]) -> T:
@@ -545,10 +599,10 @@ async def serve(config: ServerConfig, load_engine: Callable[[], ServedEngine]) -
 class BackgroundServer:
     """A GenerationServer on its own event loop in a thread, for programs and tests that are not asyncio."""
 
-    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine]) -> None:
+    def __init__(self, config: ServerConfig, load_engine: Callable[[], ServedEngine], tracer_provider=None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="gptserve-server", daemon=True)
-        self.server = GenerationServer(config, load_engine)
+        self.server = GenerationServer(config, load_engine, tracer_provider=tracer_provider)
 
     @property
     def port(self) -> int | None:

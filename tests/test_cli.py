@@ -217,8 +217,9 @@ def test_a_misspelt_variable_is_refused():
 
 
 def test_every_variable_the_project_names_is_a_flags_or_known():
-    """Every GPTSERVE_ name in the sources, the deployment files and the README is either a serve flag's variable
-    or one settings.OTHER_VARIABLES lets through, so that no deployment is refused for a variable it sets."""
+    """Every GPTSERVE_ name in the sources, the deployment files and the README (but in comments, which may name
+    what must not be set: Kubernetes' service links) is either a serve flag's variable or one
+    settings.OTHER_VARIABLES lets through, so that no deployment is refused for a variable it sets."""
     import re
 
     from gptserve.cli import build_parser
@@ -226,8 +227,9 @@ def test_every_variable_the_project_names_is_a_flags_or_known():
 
     root = Path(__file__).resolve().parents[1]
     files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
-    named = {name for path in files if not path.startswith("tests/") and (root / path).is_file()
-             for name in re.findall(r"GPTSERVE_[A-Z][A-Z0-9_]*", (root / path).read_text(errors="replace"))}
+    lines = [line for path in files if not path.startswith("tests/") and (root / path).is_file()
+             for line in (root / path).read_text(errors="replace").splitlines() if not line.lstrip().startswith("#")]
+    named = {name for line in lines for name in re.findall(r"GPTSERVE_[A-Z][A-Z0-9_]*", line)}
     flags = {environment_name(action) for action in layered_actions(build_parser().parse_args(["serve"]).layered)}
     assert {"GPTSERVE_MAX_BATCH_SIZE", "GPTSERVE_TLS_DIR", "GPTSERVE_CACHE"} <= named
     assert named - flags - OTHER_VARIABLES == set()

@@ -91,6 +91,23 @@ def test_profiles_gpu_reservation_and_replicas(compose):
         assert services["nginx"]["depends_on"][name] == {"condition": "service_healthy", "required": False}
 
 
+def test_one_gpu_per_replica_through_a_service_per_gpu(compose):
+    """The profile gpuN adds one replica on GPU N, in every other respect the gptserve service."""
+    services = compose["services"]
+    extra = {int(name.removeprefix("gptserve-gpu")): service for name, service in services.items()
+             if re.fullmatch(r"gptserve-gpu\d+", name)}
+    assert sorted(extra) == list(range(1, 8))  # with the gpu profile's GPU 0: hosts of up to 8 GPUs
+    shared = lambda service: {key: value for key, value in service.items() if key not in ("profiles", "deploy")}
+    for index, service in extra.items():
+        assert service["profiles"] == [f"gpu{index}"]
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [str(index)], "capabilities": ["gpu"]}]
+        assert "replicas" not in service["deploy"]  # one
+        assert shared(service) == shared(services["gptserve"])
+    # Inside its container a replica sees its one GPU as device 0.
+    assert build_parser().parse_args(serve_arguments(services["gptserve"])).device_id == 0
+
+
 def test_build_targets_and_mounted_files_exist(compose):
     stages = {stage.name for stage in parse_dockerfile(DOCKERFILE).stages}
     overlay = load_compose(TLS_OVERLAY, TLS_ENVIRONMENT)

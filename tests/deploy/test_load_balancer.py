@@ -56,7 +56,7 @@ class Replica:
             text = response.read().decode()
         return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
                    if sample.name == "gptserve_requests_total"
-                   and sample.labels == {"method": method, "code": "OK"})
+                   and (sample.labels["method"], sample.labels["code"]) == (method, "OK"))
 
     def stop(self) -> None:
         if self.process.poll() is None:

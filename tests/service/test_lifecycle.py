@@ -12,13 +12,19 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import grpc
+import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
-from gptserve.service.client import GenerationClient
+from gptserve.service.client import SMALL_WINDOW, GenerationClient
 from gptserve.service.server import BackgroundServer, ServerConfig
 from gptserve.v1 import generation_pb2 as pb
 from tests.service.support import wait_for
@@ -78,6 +84,66 @@ def test_shutdown_lets_streams_in_flight_finish_and_refuses_new_ones(default_eng
         assert statuses[0] == "SERVING"
 
 
+def test_shutdown_lets_http_streams_finish_and_answers_503(default_engine):
+    http_port = free_port()
+    server = BackgroundServer(ServerConfig(port=0, http_port=http_port, grace_seconds=30),
+                              lambda: default_engine).start()
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0, timeout=60)
+    model = api.models.list().data[0].id
+    stream = api.completions.create(model=model, prompt="Tell me about the sea.", max_tokens=24, temperature=0,
+                                    stream=True, extra_body={"ignore_eos": True, "return_token_ids": True})
+    first = next(iter(stream))
+    stopping = threading.Thread(target=server.stop, kwargs={"grace": 30})
+    started = time.perf_counter()
+    stopping.start()
+    health = lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5).status
+    with pytest.raises(urllib.error.HTTPError) as draining:
+        wait_for(lambda: health() != 200)
+    assert draining.value.code == 503
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.completions.create(model=model, prompt="A new request", max_tokens=4)
+    assert refused.value.status_code == 503
+    rest = list(stream)
+    assert sum(len(chunk.choices[0].token_ids) for chunk in [first, *rest]) == 24
+    assert rest[-1].choices[0].finish_reason == "length"
+    stopping.join(30)
+    assert not stopping.is_alive() and time.perf_counter() - started < 20  # not held for the whole grace
+
+
+def test_request_phases_are_traced_in_the_clients_trace(tiny_engine):
+    """OpenTelemetry: one span per request, its phases as children, in the trace the client's traceparent names."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    http_port = free_port()
+    server = BackgroundServer(ServerConfig(port=0, http_port=http_port), lambda: tiny_engine,
+                              tracer_provider=provider).start()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+    try:
+        with GenerationClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            list(client.stub.GenerateStream(
+                pb.GenerateRequest(prompt="Trace me", stopping=pb.StoppingCriteria(max_new_tokens=5, ignore_eos=True)),
+                metadata=(("traceparent", parent),)))
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key="unused", max_retries=0)
+        api.completions.create(model=api.models.list().data[0].id, prompt="Over HTTP", max_tokens=3,
+                               extra_headers={"x-request-id": "http-42"})
+    finally:
+        server.stop()
+    spans = exporter.get_finished_spans()
+    requests = {span.name: span for span in spans if span.name.startswith("gptserve ")}
+    assert set(requests) == {"gptserve GenerateStream", "gptserve Completions"}
+    grpc_span = requests["gptserve GenerateStream"]
+    assert format(grpc_span.context.trace_id, "032x") == trace_id
+    assert grpc_span.attributes["gptserve.completion_tokens"] == 5
+    assert requests["gptserve Completions"].attributes["gptserve.request_id"] == "http-42"
+    for request in requests.values():
+        phases = {span.name: span for span in spans if span.parent and span.parent.span_id == request.context.span_id}
+        assert set(phases) == {"queue", "prefill", "decode"}
+        assert request.start_time <= phases["queue"].start_time <= phases["prefill"].start_time
+        assert phases["prefill"].end_time <= phases["decode"].start_time + 1 <= request.end_time + 1
+
+
 def test_the_serving_modules_import_no_torch():
     script = ("import sys, service.server, service.client, service.engine, service.bench, service.artifacts; "
               "sys.exit('torch' in sys.modules)")
@@ -94,37 +160,82 @@ def gptserve(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "gptserve", *arguments]
 
 
-def test_serve_command_client_command_metrics_and_sigterm(tiny_artifact):
+# What an operator reads: every family, with the model's name, while requests run; no `_created` series.
+METRIC_FAMILIES = {
+    "gptserve_requests", "gptserve_request_finished", "gptserve_prompt_tokens", "gptserve_generated_tokens",
+    "gptserve_request_prompt_tokens", "gptserve_request_generation_tokens", "gptserve_request_queue_time_seconds",
+    "gptserve_time_to_first_token_seconds", "gptserve_inter_token_latency_seconds",
+    "gptserve_request_duration_seconds", "gptserve_queue_depth", "gptserve_active_sequences",
+    "gptserve_kv_cache_tokens", "gptserve_kv_cache_usage_ratio", "gptserve_batch_size", "gptserve_prefill_batch_size",
+    "gptserve_paused_sequences", "process_resident_memory_bytes", "process_cpu_seconds", "process_open_fds",
+}
+
+
+def scrape(port: int) -> dict[str, list]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_serve_command_client_command_metrics_json_log_and_sigterm(tiny_artifact):
     port, metrics_port = free_port(), free_port()
     environment = {**os.environ, "GPTSERVE_AUTH_TOKEN": ""}
     server = subprocess.Popen(
         gptserve("serve", "--artifacts", str(tiny_artifact), "--port", str(port), "--metrics-port", str(metrics_port),
-                 "--http-port", "0", "--provider", "cpu", "--grace-seconds", "5"),
+                 "--http-port", "0", "--provider", "cpu", "--grace-seconds", "5", "--log-format", "json",
+                 "--stats-seconds", "0.2"),
         stderr=subprocess.PIPE, text=True, env=environment)
     try:
-        with GenerationClient(f"127.0.0.1:{port}", timeout=30) as client:
+        # A small window: the stream waits (paused, its cache held) while this client does not read.
+        with GenerationClient(f"127.0.0.1:{port}", timeout=30, options=SMALL_WINDOW) as client:
             client.wait_until_serving(timeout=120)
+            request = pb.GenerateRequest(prompt="Slowly", stopping=pb.StoppingCriteria(max_new_tokens=240,
+                                                                                     ignore_eos=True))
+            stream = client.stub.GenerateStream(request, metadata=(("x-request-id", "trace-me-42"),))
+            next(stream)
+            time.sleep(0.5)
+            during = scrape(metrics_port)
+            assert sum(len(message.tokens) for message in stream) <= 239
         called = subprocess.run(gptserve("client", "Hello there", "--target", f"127.0.0.1:{port}",
                                          "--max-new-tokens", "6", "--ignore-eos"),
                                 capture_output=True, text=True, timeout=60, env=environment)
         assert called.returncode == 0, called.stderr
         assert "[length: 6 tokens" in called.stderr
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        assert 'gptserve_requests_total{code="OK",method="GenerateStream"} 1.0' in metrics
-        assert "gptserve_generated_tokens_total 6.0" in metrics
+        time.sleep(0.5)  # a stats line covers the requests
+        after = scrape(metrics_port)
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0
     finally:
         if server.poll() is None:
             server.kill()
-    log = server.stderr.read()
-    request_lines = [json.loads(line.split("gptserve.requests ", 1)[1]) for line in log.splitlines()
-                     if "gptserve.requests " in line]
-    assert len(request_lines) == 1, log
-    line = request_lines[0]
-    assert line["code"] == "OK" and line["completion_tokens"] == 6 and line["finish_reason"] == "length"
-    assert {"request_id", "prompt_tokens", "ttft_s", "total_s", "queue_s"} <= set(line)
-    assert "shutting down" in log
+    assert METRIC_FAMILIES <= set(after), METRIC_FAMILIES - set(after)
+    assert not [name for name, samples in after.items() for sample in samples if sample.name.endswith("_created")]
+    assert all(sample.labels.get("model_name") for name, samples in after.items() if name.startswith("gptserve_")
+               for sample in samples)
+    value = lambda samples, name, **labels: sum(sample.value for sample in samples if sample.name == name
+                                                and labels.items() <= sample.labels.items())
+    assert value(during["gptserve_active_sequences"], "gptserve_active_sequences") == 1
+    assert 0 < value(during["gptserve_kv_cache_tokens"], "gptserve_kv_cache_tokens") <= 256
+    assert 0 < value(during["gptserve_kv_cache_usage_ratio"], "gptserve_kv_cache_usage_ratio") < 1
+    assert value(after["gptserve_requests"], "gptserve_requests_total", method="GenerateStream", code="OK") == 2
+    assert value(after["gptserve_request_finished"], "gptserve_request_finished_total", finish_reason="length") == 2
+    assert value(after["gptserve_generated_tokens"], "gptserve_generated_tokens_total") == 246
+    assert value(after["gptserve_request_generation_tokens"], "gptserve_request_generation_tokens_sum") == 246
+    assert value(after["gptserve_request_queue_time_seconds"], "gptserve_request_queue_time_seconds_count") == 2
+    assert value(after["gptserve_request_duration_seconds"], "gptserve_request_duration_seconds_bucket",
+                 le="655.36") == 2  # buckets reach long requests
+    assert value(after["process_resident_memory_bytes"], "process_resident_memory_bytes") > 50e6
+    assert value(after["gptserve_kv_cache_tokens"], "gptserve_kv_cache_tokens") == 0  # all freed
+
+    log = server.stderr.read().splitlines()
+    lines = [json.loads(line) for line in log]  # pure JSON lines, every one
+    requests = [line for line in lines if line["logger"] == "gptserve.requests"]
+    assert [line["request_id"] for line in requests][0] == "trace-me-42"
+    for line in requests:
+        assert line["code"] == "OK" and line["finish_reason"] == "length" and line["method"] == "GenerateStream"
+        assert {"prompt_tokens", "completion_tokens", "ttft_s", "total_s", "queue_s", "time", "level"} <= set(line)
+    stats = [line for line in lines if line["logger"] == "gptserve.stats"]
+    assert stats and max(line["generation_tokens_per_s"] for line in stats) > 0
+    assert any("shutting down" in line["message"] for line in lines)
 
 
 # Start-up mistakes: one line on stderr and a non-zero exit, before anything is loaded --------------------------
