@@ -18,21 +18,17 @@ ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.9
 ARG PYTHON_VERSION=3.11
 # The same versions as pyproject.toml's pins (tests/deploy/test_dockerfile.py compares them).
 ARG ONNXRUNTIME_VERSION=1.31.1
-ARG GRPCIO_TOOLS_VERSION=1.85.1
 ARG TORCH_VERSION=2.13.0
 
 FROM ${UV_IMAGE} AS uv
 
-# The project as one pure-Python wheel, with the gRPC stubs generated from protos/ (the build context leaves out
-# the checkout's own gptserve/v1, see .dockerignore).
+# The project as one pure-Python wheel. Its build generates the gRPC stubs from protos/ (setup.py, with grpcio-tools
+# from pyproject's build-system.requires; the build context leaves out the checkout's own, see .dockerignore).
 FROM ${PYTHON_IMAGE} AS wheel
-ARG GRPCIO_TOOLS_VERSION
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY . .
-RUN pip install "grpcio-tools==${GRPCIO_TOOLS_VERSION}" \
- && python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. protos/gptserve/v1/generation.proto \
- && pip wheel --no-deps --wheel-dir /wheels .
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \

@@ -5,23 +5,34 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 PROTOS := $(wildcard protos/gptserve/v1/*.proto)
 
-.PHONY: serve test test-deps lint typecheck bench install protos clean
+# make serve's settings; empty ones are left to gptserve's own defaults (`gptserve serve --help`).
+MODEL ?=
+PORT ?=
+HTTP_PORT ?=
+METRICS_PORT ?= 9464
+SERVING := $(VENV)/.installed-serve
 
+.PHONY: serve test test-deps lint typecheck bench install clean
+
+# Installing builds the gRPC stubs gptserve/v1/*_pb2*.py from protos/ (setup.py): editing a .proto reinstalls.
 install: $(INSTALLED)
 
-$(INSTALLED): pyproject.toml $(PROTOS)
+$(INSTALLED): pyproject.toml setup.py $(PROTOS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[export,test]'
-	$(MAKE) protos
 	touch $@
 
-# The gRPC stubs are generated, never edited: gptserve/v1/*_pb2*.py.
-protos:
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+# What serving needs, and the export extra for --model's first export: not the test extra.
+$(SERVING): pyproject.toml setup.py $(PROTOS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[export]'
+	touch $@
 
-serve: $(INSTALLED)
-	$(BIN)/gptserve serve --model smollm2-135m-instruct --metrics-port 9464
+serve: $(SERVING)
+	$(BIN)/gptserve serve $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT)) \
+	    $(if $(HTTP_PORT),--http-port $(HTTP_PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 test: test-deps lint typecheck
 	$(BIN)/pytest -q

@@ -8,6 +8,7 @@ generation_config.json, genai_config.json (onnxruntime-genai), manifest.json.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from gptserve.export.contract import GraphContract
@@ -121,16 +122,53 @@ def genai_config(config: GPTConfig, graph: GraphContract, eos_token_ids: list[in
     }
 
 
+@dataclass(frozen=True)
+class Judgement:
+    """One thing a verdict rests on: what was measured, the bound it had to keep, whether it did."""
+
+    criterion: str
+    measured: float | int | str
+    bound: str
+    met: bool
+
+
+def judgements(report: ParityReport) -> list[Judgement]:
+    """What the verdict was judged on, by precision: fp32 on every case's logits difference and greedy tokens;
+    int8 and int4 on top-1 agreement over all cases and the perplexity ratio (their greedy tokens may differ in
+    places, as quantization moves near-ties); fp16 on the graph's structure."""
+    criteria = report.criteria
+    if report.perplexity is not None and report.top1_agreement is not None:
+        minimum, maximum = criteria["min_top1_agreement"], criteria["max_perplexity_ratio"]
+        return [Judgement("top-1 agreement over all cases", round(report.top1_agreement, 4), f">= {minimum}",
+                          report.top1_agreement >= float(minimum)),
+                Judgement(f"perplexity ratio on {report.perplexity.text}", round(report.perplexity.ratio, 4),
+                          f"<= {maximum}", report.perplexity.ratio <= float(maximum))]
+    if "max_abs_diff" in criteria:
+        largest = max((case.max_abs_diff for case in report.cases), default=0.0)
+        matched = sum(case.greedy_match for case in report.cases)
+        return [Judgement("largest max abs logits difference", float(f"{largest:.3e}"),
+                          f"<= {criteria['max_abs_diff']}", largest <= float(criteria["max_abs_diff"])),
+                Judgement("cases with identical greedy tokens", f"{matched} of {len(report.cases)}", "all",
+                          matched == len(report.cases))]
+    return [Judgement("graph inputs and outputs against the contract",
+                      f"{len(report.contract_mismatches)} mismatched", "none", not report.contract_mismatches)]
+
+
 def format_report(report: ParityReport) -> str:
-    lines = [f"parity ({report.precision} vs {report.reference}, on {report.runtime}): "
-             f"{'PASSED' if report.passed else 'FAILED'}; criteria {report.criteria}"]
+    lines = [f"parity: {'PASSED' if report.passed else 'FAILED'} ({report.precision} vs {report.reference}, on "
+             f"{report.runtime}), judged on:"]
+    lines += [f"  {item.criterion}: {item.measured} ({item.bound}: {'met' if item.met else 'NOT met'})"
+              for item in judgements(report)]
     if report.perplexity is not None:
         perplexity = report.perplexity
-        lines.append(f"  top-1 agreement {report.top1_agreement:.4f}; perplexity on {perplexity.text} "
-                     f"{perplexity.measured:.3f} vs {perplexity.reference:.3f} (ratio {perplexity.ratio:.3f})")
+        lines.append(f"  (perplexity {perplexity.measured:.3f} against the reference's {perplexity.reference:.3f}, "
+                     f"over {perplexity.tokens} tokens)")
     if report.contract_mismatches:
         lines.append(f"  contract mismatches: {', '.join(report.contract_mismatches)}")
+    if report.cases:
+        lines.append("  per case:" if report.perplexity is None else
+                     "  per case (information only: rounding moves near-ties, so greedy tokens may differ):")
     for case in report.cases:
-        lines.append(f"  {case.case:<24} max abs diff {case.max_abs_diff:.3e}  "
+        lines.append(f"    {case.case:<24} max abs diff {case.max_abs_diff:.3e}  "
                      f"top-1 agreement {case.top1_agreement:.4f}  greedy {'match' if case.greedy_match else 'DIFFER'}")
     return "\n".join(lines)

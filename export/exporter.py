@@ -4,9 +4,7 @@ into place as an artifact folder."""
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from gptserve.export.contract import GraphContract, graph_contract, past_names, 
 from gptserve.export.fused import ExportedGPT, add_logits_to_keep, drop_unused_outputs
 from gptserve.export.manifest import Canary, Generation, Manifest, ModelDescription, ParityReport, Precision
 from gptserve.export.parity import CANARY_TEXT, certify
+from gptserve.export.progress import Progress
 from gptserve.export.quantize import PRECISIONS, convert
 from gptserve.export.runtime import create_session
 from gptserve.model.gpt import GPT
@@ -39,8 +38,8 @@ OPSET = 23
 SINGLE_FILE_LIMIT = 1 << 30  # above this many bytes of weights, they go to an external data file
 
 
-def progress(message: str) -> None:
-    print(f"[export] {message}", file=sys.stderr, flush=True)
+class CertificationFailed(ArtifactError):
+    """The export ran, and its graph did not pass: not a mistake in what was asked for."""
 
 
 def export_graph(model: GPT, path: Path) -> None:
@@ -59,6 +58,7 @@ def export_graph(model: GPT, path: Path) -> None:
     program = torch.onnx.export(
         ExportedGPT(model).eval(), (input_ids, attention_mask, model.empty_past(2)),
         dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET, optimize=True,
+        verbose=False,  # else it prints its own phases on stdout, which carries only results
         input_names=["input_ids", "attention_mask", *past_names(config.n_layer)],
         output_names=["logits", *present_names(config.n_layer)],
     )
@@ -76,13 +76,14 @@ def source_is_quantized(source: Path) -> bool:
     return source.suffix == ".gguf" and read_gguf_metadata(source).get("general.file_type", 2) not in (0, 1)
 
 
-def convert_step(fp32_path: Path, graph_path: Path, precision: Precision, source: Path) -> dict | None:
+def convert_step(fp32_path: Path, graph_path: Path, precision: Precision, source: Path,
+                 progress: Progress) -> dict | None:
     """The exported fp32 graph at `precision` in graph_path (the fp32 folder is then removed); the manifest's
     notes on what was quantized (None at fp32, exported in place)."""
     if precision == "fp32":
         return None
-    progress(f"converting to {precision}")
-    notes = convert(fp32_path, graph_path, precision, source_is_quantized(source))
+    with progress.phase(f"{'converting' if precision == 'fp16' else 'quantizing'} to {precision}"):
+        notes = convert(fp32_path, graph_path, precision, source_is_quantized(source))
     shutil.rmtree(fp32_path.parent)
     return notes
 
@@ -101,14 +102,15 @@ def check_structure(path: Path, graph: GraphContract) -> ParityReport:
 
 
 def certify_step(model: GPT, pretrained: Pretrained, graph_path: Path, graph: GraphContract, precision: Precision,
-                 tolerance: float, criteria: dict | None) -> tuple[ParityReport, Canary | None]:
+                 tolerance: float, criteria: dict | None, progress: Progress) -> tuple[ParityReport, Canary | None]:
     """The graph on ONNX Runtime CPU against the eager model (fp16, which needs a GPU: its structure only)."""
-    progress("certifying on ONNX Runtime CPU")
     if precision == "fp16":
-        return check_structure(graph_path, graph), None
-    session = create_session(graph_path, provider="cpu")
-    text_ids = pretrained.tokenizer.encode(CANARY_TEXT.read_text())
-    return certify(model, session, graph, precision, tolerance, text_ids, criteria)
+        with progress.phase("certifying the fp16 graph's structure"):
+            return check_structure(graph_path, graph), None
+    with progress.phase("certifying against eager PyTorch on ONNX Runtime CPU") as steps:
+        session = create_session(graph_path, provider="cpu")
+        text_ids = pretrained.tokenizer.encode(CANARY_TEXT.read_text())
+        return certify(model, session, graph, precision, tolerance, text_ids, criteria, on_step=steps.advance)
 
 
 def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, precision: Precision,
@@ -138,7 +140,8 @@ def write_step(staging: Path, pretrained: Pretrained, graph: GraphContract, prec
 
 
 def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_length: int | None = None,
-                   precision: Precision = "fp32", criteria: dict | None = None) -> Manifest:
+                   precision: Precision = "fp32", criteria: dict | None = None,
+                   progress: Progress | None = None) -> Manifest:
     """Export, convert, certify, write (each a function above): the artifact goes into `out`, replacing what is
     there, only once it is certified."""
     if precision not in PRECISIONS:
@@ -147,6 +150,7 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
         pretrained = pretrained.with_context_length(context_length)
     config = pretrained.config
     model = pretrained.build()
+    progress = progress or Progress()
     graph = graph_contract(config.n_layer, config.kv_heads, config.head_dim, config.vocab_size,
                            kv_dtype="float16" if precision == "fp16" else "float32", file=GRAPH_FILE, opset=OPSET)
     out = Path(out)
@@ -154,21 +158,20 @@ def build_artifact(pretrained: Pretrained, out: Path, tolerance: float, context_
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as scratch:
         staging = Path(scratch) / "artifact"
         staging.mkdir()
-        started = time.perf_counter()
-        progress(f"exporting {pretrained.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters) "
-                 f"to ONNX opset {OPSET}")
         fp32_path = staging / graph.file if precision == "fp32" else Path(scratch) / "fp32" / graph.file
         fp32_path.parent.mkdir(exist_ok=True)
-        export_graph(model, fp32_path)
-        progress(f"exported in {time.perf_counter() - started:.0f} s")
-        quantization = convert_step(fp32_path, staging / graph.file, precision, pretrained.source)
-        report, canary = certify_step(model, pretrained, staging / graph.file, graph, precision, tolerance, criteria)
-        progress(format_report(report))
+        parameters = sum(p.numel() for p in model.parameters()) / 1e6
+        with progress.phase(f"exporting {pretrained.name} ({parameters:.0f}M parameters) to ONNX opset {OPSET}"):
+            export_graph(model, fp32_path)
+        quantization = convert_step(fp32_path, staging / graph.file, precision, pretrained.source, progress)
+        report, canary = certify_step(model, pretrained, staging / graph.file, graph, precision, tolerance, criteria,
+                                      progress)
+        progress.line(format_report(report))
         if not report.passed:
-            raise ArtifactError(f"parity certification failed; nothing written to {out}\n{format_report(report)}")
+            raise CertificationFailed(f"parity certification failed (the report is above); nothing written to {out}")
         manifest = write_step(staging, pretrained, graph, precision, quantization, report, canary)
         _move_into_place(staging, out)
-    progress(f"artifact ready: {out}")
+    progress.line(f"artifact ready: {out}")
     return manifest
 
 
@@ -185,6 +188,8 @@ def _move_into_place(staging: Path, out: Path) -> None:
 
 
 def export(spec: str, out: str | Path, tolerance: float = 1e-4, context_length: int | None = None,
-           precision: Precision = "fp32", criteria: dict | None = None) -> Manifest:
-    progress(f"loading {spec}")
-    return build_artifact(load_pretrained(spec), Path(out), tolerance, context_length, precision, criteria)
+           precision: Precision = "fp32", criteria: dict | None = None, progress: Progress | None = None) -> Manifest:
+    progress = progress or Progress()
+    with progress.phase(f"loading {spec}"):
+        pretrained = load_pretrained(spec)
+    return build_artifact(pretrained, Path(out), tolerance, context_length, precision, criteria, progress)

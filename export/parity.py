@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +139,12 @@ QUALITY_CRITERIA = {
 }
 
 
-def run_cases(certifier: Certifier) -> list[ParityCase]:
+def planned_cases(certifier: Certifier) -> list[tuple[str, Callable[[], ParityCase]]]:
+    """The cases, each named, to run one by one (and to count for a progress bar before any runs)."""
     lengths = [n for n in (1, 17, 128) if n <= certifier.model.config.context_length]
-    return [*(certifier.prefill_case(n) for n in lengths), certifier.last_position_case(lengths[-1]),
-            certifier.decode_case(), certifier.ragged_batch_case()]
+    return [*((f"prefill_{n}", functools.partial(certifier.prefill_case, n)) for n in lengths),
+            (f"prefill_{lengths[-1]}_last_only", functools.partial(certifier.last_position_case, lengths[-1])),
+            (f"decode_{DECODE_STEPS}", certifier.decode_case), ("batch_ragged", certifier.ragged_batch_case)]
 
 
 def onnx_canary(certifier: Certifier, steps: int = DECODE_STEPS) -> Canary:
@@ -168,11 +171,19 @@ def perplexity_case(certifier: Certifier) -> Perplexity:
 
 
 def certify(model: GPT, session, graph: GraphContract, precision: Precision, tolerance: float, text_ids: list[int],
-            criteria: dict[str, float] | None = None) -> tuple[ParityReport, Canary]:
+            criteria: dict[str, float] | None = None,
+            on_step: Callable[[str, int], None] | None = None) -> tuple[ParityReport, Canary]:
     """The parity report (passed or not) and the start-up canary, for an fp32, int8 or int4 graph.
-    `criteria` overrides the quality thresholds of a reduced precision."""
+    `criteria` overrides the quality thresholds of a reduced precision. `on_step(label, total)` follows each step:
+    every case, the perplexity (reduced precisions) and the canary."""
     certifier = Certifier(model, session, graph, text_ids)
-    cases = run_cases(certifier)
+    planned = planned_cases(certifier)
+    total = len(planned) + (precision != "fp32") + 1
+    step = on_step or (lambda label, total: None)
+    cases = []
+    for label, run in planned:
+        cases.append(run())
+        step(label, total)
     common = functools.partial(ParityReport, precision=precision, reference="eager PyTorch float64",
                                runtime="onnxruntime CPUExecutionProvider", cases=tuple(cases), contract_mismatches=())
     if precision == "fp32":
@@ -184,8 +195,11 @@ def certify(model: GPT, session, graph: GraphContract, precision: Precision, tol
         criteria = criteria or QUALITY_CRITERIA[precision]
         agreement = sum(case.top1_agreement * case.positions for case in cases) / sum(case.positions for case in cases)
         perplexity = perplexity_case(certifier)
+        step("perplexity", total)
         report = common(
             criteria=dict(criteria), top1_agreement=agreement, perplexity=perplexity,
             passed=(agreement >= criteria["min_top1_agreement"]
                     and perplexity.ratio <= criteria["max_perplexity_ratio"]))
-    return report, onnx_canary(certifier)
+    canary = onnx_canary(certifier)
+    step("canary", total)
+    return report, canary

@@ -63,12 +63,21 @@ def ensure_artifact(artifacts: str | Path | None, model: str | None, precision: 
     return folder
 
 
+class ExportFailed(ArtifactError):
+    """The export's own process failed and has said why on stderr; `status` is its exit status."""
+
+    def __init__(self, model: str, folder: Path, status: int) -> None:
+        super().__init__(f"exporting {model} into {folder} failed (see above)")
+        self.status = status
+
+
 def export_into(folder: Path, model: str, precision: str) -> None:
     log.info("no current artifact in %s: exporting %s at %s (once; later starts reuse it)", folder, model, precision)
     command = [sys.executable, "-m", "gptserve", "export", "--model", model, "--out", str(folder),
                "--precision", precision]
-    if subprocess.run(command).returncode:
-        raise ArtifactError(f"exporting {model} into {folder} failed (see above)")
+    status = subprocess.run(command).returncode
+    if status:
+        raise ExportFailed(model, folder, status)
 
 
 def is_current(folder: Path) -> bool:

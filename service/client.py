@@ -156,44 +156,116 @@ def read_token(token_file: str | None) -> str | None:
     return token.strip() or None
 
 
-def run_client(args) -> int:
-    """`gptserve client`: streams the reply to the terminal as tokens arrive."""
+def reply_json(*, request_id: str | None, text: str, token_ids: list[int], finish_reason: str | None,
+               prompt_tokens: int, time_to_first_token_s: float, total_s: float,
+               logprobs: list[float] | None = None) -> dict:
+    """The one JSON shape of a finished generation, printed by both `gptserve client --json` and `gptserve generate
+    --json` (request_id is None where no server named the request); logprobs only when asked for."""
+    reply: dict[str, object] = {"request_id": request_id, "text": text, "token_ids": token_ids,
+                                "finish_reason": finish_reason,
+                                "prompt_tokens": prompt_tokens, "completion_tokens": len(token_ids),
+                                "time_to_first_token_s": time_to_first_token_s, "total_s": total_s}
+    if logprobs is not None:
+        reply["logprobs"] = logprobs
+    return reply
+
+
+def print_logprobs(token_ids: Sequence[int], logprobs: Sequence[float], texts: Sequence[str]) -> None:
+    """After a streamed reply, on stderr: each token's id, log-probability and text."""
+    for token_id, logprob, text in zip(token_ids, logprobs, texts):
+        print(f"  {token_id:>7}  {logprob:9.4f}  {text!r}", file=sys.stderr)
+
+
+def connect(args) -> GenerationClient:
     try:
         root = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     except OSError as error:
         raise ConfigError("--tls-ca", f"cannot read {args.tls_ca}: {error.strerror}") from None
+    return GenerationClient(args.target, token=read_token(args.token_file), root_certificates=root, tls=args.tls,
+                            timeout=args.timeout)
+
+
+def request_options(args) -> dict:
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+        return_logprobs=args.logprobs,
     )
-    if args.parse_special_tokens:
+    if getattr(args, "parse_special_tokens", False):
         options["parse_special_tokens"] = True
-    if args.chat:
-        options["messages"] = [{"role": "user", "content": args.prompt}]
+    return options
+
+
+def first_messages(args) -> list[dict]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def stream_reply(client: GenerationClient, options: dict, logprobs: bool) -> str:
+    """Streams one reply to stdout as its tokens arrive, its summary (and logprobs) to stderr; returns its text."""
+    last, texts, ids, values = None, [], [], []
+    for last in client.stream(**options):
+        for token in last.tokens:
+            print(token.text, end="", flush=True)
+            texts.append(token.text)
+            ids.append(token.id)
+            values.append(token.logprob)
+    assert last is not None  # a stream that ends without an error ends with its final message
+    print(flush=True)  # the reply's own line ends: a prompt or a shell's comes next
+    if logprobs:
+        print_logprobs(ids, values, texts)
+    print(f"[{FINISH_REASON_NAMES.get(last.finish_reason)}: {last.usage.completion_tokens} tokens, "
+          f"first token {last.timings.time_to_first_token_seconds * 1000:.0f} ms, "
+          f"total {last.timings.total_seconds:.2f} s]", file=sys.stderr)
+    return "".join(texts)
+
+
+def rpc_failure(error: grpc.RpcError) -> int:
+    print(f"error: {error.code().name}: {' '.join(str(error.details()).split())}", file=sys.stderr)
+    return 1
+
+
+def run_client(args) -> int:
+    """`gptserve client`: one generation, streamed to the terminal as tokens arrive (or one JSON object)."""
+    options = request_options(args)
+    if args.chat or args.system:
+        options["messages"] = [*first_messages(args), {"role": "user", "content": args.prompt}]
     else:
         options["prompt"] = args.prompt
-    with GenerationClient(args.target, token=read_token(args.token_file), root_certificates=root,
-                          tls=args.tls, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
-            if args.json:
-                response = client.generate(**options)
-                print(json.dumps({"request_id": response.request_id, "text": response.text,
-                                  "token_ids": list(response.token_ids),
-                                  "finish_reason": FINISH_REASON_NAMES.get(response.finish_reason),
-                                  "prompt_tokens": response.usage.prompt_tokens,
-                                  "completion_tokens": response.usage.completion_tokens,
-                                  "time_to_first_token_s": response.timings.time_to_first_token_seconds,
-                                  "total_s": response.timings.total_seconds}))
+            if not args.json:
+                stream_reply(client, options, args.logprobs)
                 return 0
-            last = None
-            for last in client.stream(**options):
-                for token in last.tokens:
-                    print(token.text, end="", flush=True)
-            assert last is not None  # a stream that ends without an error ends with its final message
-            print(f"\n[{FINISH_REASON_NAMES.get(last.finish_reason)}: {last.usage.completion_tokens} tokens, "
-                  f"first token {last.timings.time_to_first_token_seconds * 1000:.0f} ms, "
-                  f"total {last.timings.total_seconds:.2f} s]", file=sys.stderr)
+            response = client.generate(**options)
         except grpc.RpcError as error:
-            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+            return rpc_failure(error)
+    print(json.dumps(reply_json(
+        request_id=response.request_id, text=response.text, token_ids=list(response.token_ids),
+        finish_reason=FINISH_REASON_NAMES.get(response.finish_reason), prompt_tokens=response.usage.prompt_tokens,
+        time_to_first_token_s=response.timings.time_to_first_token_seconds, total_s=response.timings.total_seconds,
+        logprobs=list(response.logprobs) if args.logprobs else None)))
     return 0
+
+
+def run_chat(args) -> int:
+    """`gptserve chat`: a conversation, one user turn per line of stdin, each reply streamed; the history goes with
+    every turn. Ends at end of input (Ctrl-D); a failed turn ends it with status 1."""
+    messages = first_messages(args)
+    interactive = sys.stdin.isatty()
+    with connect(args) as client:
+        while True:
+            if interactive:
+                print(">>> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line:  # end of input
+                if interactive:
+                    print(file=sys.stderr)
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            try:
+                reply = stream_reply(client, {**request_options(args), "messages": messages}, args.logprobs)
+            except grpc.RpcError as error:
+                return rpc_failure(error)
+            messages.append({"role": "assistant", "content": reply})

@@ -1,1 +1,1 @@
-"""The gRPC API stubs, generated from protos/gptserve/v1 (`make protos`)."""
+"""The gRPC API stubs, generated from protos/gptserve/v1 when the package is built (setup.py)."""
