@@ -124,6 +124,34 @@ PRESETS: dict[str, GPTConfig] = {
         vocab_size=49152, n_layer=30, n_head=9, n_kv_heads=3, n_embd=576, intermediate_size=1536,
         context_length=8192, rope_theta=100000.0, tie_embeddings=True,
     ),
+    "smollm2-360m": _llama(
+        vocab_size=49152, n_layer=32, n_head=15, n_kv_heads=5, n_embd=960, intermediate_size=2560,
+        context_length=8192, rope_theta=100000.0, tie_embeddings=True,
+    ),
+    "llama-3.2-1b": _llama(
+        vocab_size=128256, n_layer=16, n_head=32, n_kv_heads=8, n_embd=2048, intermediate_size=8192,
+        context_length=131072, rope_theta=500000.0, tie_embeddings=True,
+        rope_scaling=RopeScaling("llama3", factor=32.0, original_context=8192, low_freq_factor=1.0,
+                                 high_freq_factor=4.0),
+    ),
+    "qwen2.5-0.5b": _llama(
+        vocab_size=151936, n_layer=24, n_head=14, n_kv_heads=2, n_embd=896, intermediate_size=4864,
+        context_length=32768, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, qkv_bias=True,
+        architecture="qwen2",
+    ),
+    "qwen3-0.6b": _llama(
+        vocab_size=151936, n_layer=28, n_head=16, n_kv_heads=8, n_embd=1024, head_size=128, intermediate_size=3072,
+        context_length=40960, rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, qk_norm=True,
+        architecture="qwen3",
+    ),
+    "mistral-7b-v0.3": _llama(
+        vocab_size=32768, n_layer=32, n_head=32, n_kv_heads=8, n_embd=4096, intermediate_size=14336,
+        context_length=32768, rope_theta=1000000.0, tie_embeddings=False, architecture="mistral",
+    ),
+    "phi-3-mini-4k": _llama(
+        vocab_size=32064, n_layer=32, n_head=32, n_kv_heads=32, n_embd=3072, intermediate_size=8192,
+        context_length=4096, tie_embeddings=False, sliding_window=2047, architecture="phi3",
+    ),
     "tiny-gpt2": GPTConfig(
         vocab_size=256, n_layer=2, n_head=4, n_embd=64, context_length=256, intermediate_size=256,
     ),

@@ -1,0 +1,83 @@
+"""Each family's tiny model exported, certified and run: the engine's greedy tokens are transformers' `generate`,
+genai_config.json names the family as onnxruntime-genai does, and onnxruntime-genai runs the folder to the same
+tokens."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gptserve.export.artifact import read_manifest
+from gptserve.model.generation import FinishReason, Sequence, StoppingParams, generate
+from gptserve.model.spec import load_pretrained
+from gptserve.service.engine import Engine
+from tests.tiny_models import FAMILIES, FAMILY_NEW_TOKENS, FAMILY_PROMPT
+
+GENAI_TYPES = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "phi3": "phi3"}
+
+
+@pytest.fixture(scope="module")
+def transformers_tokens(family_folders) -> dict[str, list[int]]:
+    """transformers' greedy continuation of FAMILY_PROMPT for each family, stopping where its generation config
+    says (Llama 3's second end-of-sequence id included)."""
+    tokens = {}
+    for kind, folder in family_folders.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        prompt = torch.tensor([load_pretrained(str(folder)).tokenizer.encode(FAMILY_PROMPT)])  # (1, T)
+        with torch.no_grad():
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                    max_new_tokens=FAMILY_NEW_TOKENS)
+        tokens[kind] = output[0, prompt.shape[1]:].tolist()
+    return tokens
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_certified_with_the_family_in_its_manifest(kind, family_folders, family_artifacts):
+    manifest = read_manifest(family_artifacts[kind])
+    assert manifest.parity.passed and manifest.parity.criteria["max_abs_diff"] == 1e-5
+    assert all(case.max_abs_diff <= 1e-5 and case.greedy_match for case in manifest.parity.cases)
+    assert manifest.model.config == load_pretrained(str(family_folders[kind])).config
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_engine_greedy_equals_transformers_generate(kind, family_artifacts, transformers_tokens):
+    engine = Engine.load(family_artifacts[kind])
+    sequence = Sequence(engine.tokenizer, engine.tokenizer.encode(FAMILY_PROMPT),
+                        stopping=StoppingParams(FAMILY_NEW_TOKENS))
+    result = generate(engine.step, sequence)
+    assert result.token_ids == transformers_tokens[kind]
+    assert len(set(result.token_ids)) > 1
+    # Llama 3 stops on its second end-of-sequence id, before the token limit; the others run to the limit.
+    if kind == "llama3":
+        assert result.finish_reason == FinishReason.EOS and len(result.token_ids) < FAMILY_NEW_TOKENS
+        assert result.token_ids[-1] == engine.tokenizer.eos_token_ids[1]
+    else:
+        assert result.finish_reason == FinishReason.LENGTH
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_genai_runs_the_folder_to_the_same_tokens(kind, family_artifacts, transformers_tokens):
+    og = pytest.importorskip("onnxruntime_genai")
+    artifact = family_artifacts[kind]
+    genai_config = json.loads((artifact / "genai_config.json").read_text())["model"]
+    assert genai_config["type"] == GENAI_TYPES[kind]
+    eos = read_manifest(artifact).generation.eos_token_ids
+    assert genai_config["eos_token_id"] == (list(eos) if len(eos) > 1 else eos[0])
+
+    model = og.Model(str(artifact))
+    prompt_ids = list(og.Tokenizer(model).encode(FAMILY_PROMPT))
+    assert prompt_ids == Engine.load(artifact).tokenizer.encode(FAMILY_PROMPT)
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt_ids) + FAMILY_NEW_TOKENS)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt_ids], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    expected = transformers_tokens[kind]
+    if expected[-1] in eos:  # genai stops on the end-of-sequence id without writing it into the sequence
+        expected = expected[:-1]
+    assert [int(token) for token in generator.get_sequence(0)[len(prompt_ids):]] == expected
