@@ -31,7 +31,7 @@ HF_FAMILIES = {  # model_type -> architecture
 }
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
-GGUF_ARCHITECTURES = ("llama",)
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _Q = gguf.GGMLQuantizationType
 # Types gguf.quants can dequantize that llama-family files commonly use.
 GGUF_TENSOR_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
@@ -393,11 +393,11 @@ def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp): llama architecture, dequantized to float32.
+# GGUF files (llama.cpp): llama (Mistral too), qwen2 and qwen3 architectures, dequantized to float32.
 
 
 def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
-    """The config and float32 (dequantized) state dict of a llama-architecture GGUF file, in our names."""
+    """The config and float32 (dequantized) state dict of a llama, qwen2 or qwen3 GGUF file, in our names."""
     path = Path(path)
     reader = _open_gguf(path)
     try:
@@ -411,9 +411,6 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     # GGUF lists dimensions fastest-varying first (ggml's ne); torch's order is the reverse.
     shapes = {name: tuple(int(n) for n in reversed(tensor.shape)) for name, tensor in tensors.items()}
-    if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: per-frequency rope scaling (rope_freqs.weight) is not supported")
-    config = _gguf_llama_config(metadata, shapes, str(path))
 
     def load(name: str) -> torch.Tensor:
         tensor = tensors[name]
@@ -425,14 +422,16 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
         return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shapes[name])
 
     source = _Source(str(path), shapes, load)
+    config = _gguf_config(architecture, metadata, source)
+    # llama.cpp rotates adjacent pairs for llama (its converter reorders q and k rows to suit) and each head's
+    # halves, as Hugging Face does, for qwen2 and qwen3 (stored as they are).
+    permuted = architecture == "llama"
     state = {"wte.weight": source.take("token_embd.weight", (config.vocab_size, config.n_embd))}
     for i in range(config.n_layer):
         for ours, _, theirs, shape in _llama_layer(config):
             weight = source.take(f"blk.{i}.{theirs}", shape)
-            if theirs == "attn_q.weight":
-                weight = _unpermute_rotary_rows(weight, config.n_head)
-            elif theirs == "attn_k.weight":
-                weight = _unpermute_rotary_rows(weight, config.kv_heads)
+            if permuted and theirs in ("attn_q.weight", "attn_k.weight"):
+                weight = _unpermute_rotary_rows(weight, config.n_head if theirs == "attn_q.weight" else config.kv_heads)
             state[f"blocks.{i}.{ours}"] = weight
     state["norm_f.weight"] = source.take("output_norm.weight", (config.n_embd,))
     source.take_head("output.weight", config, state)
@@ -455,37 +454,51 @@ def _open_gguf(path: Path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({error})") from error
 
 
-def _gguf_llama_config(metadata: dict, shapes: dict[str, Shape], source: str) -> GPTConfig:
-    n_embd = _field(metadata, "llama.embedding_length", source)
-    n_head = _field(metadata, "llama.attention.head_count", source)
-    head_dim = n_embd // n_head
-    if metadata.get("llama.expert_count", 0):
-        raise CheckpointError(f"{source}: mixture-of-experts llama is not supported; expected a dense model")
-    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
-        if metadata.get(key, head_dim) != head_dim:
-            raise CheckpointError(f"{source}: {key} {metadata[key]}; expected the head size {head_dim}")
-    scaling = metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported; expected none")
-    vocab_size = metadata.get("llama.vocab_size") or shapes.get("token_embd.weight", (0,))[0]
+def _gguf_config(architecture: str, metadata: dict, source: _Source) -> GPTConfig:
+    where = source.name
+    key = lambda name: f"{architecture}.{name}"  # metadata keys are prefixed with the architecture
+    n_embd = _field(metadata, key("embedding_length"), where)
+    n_head = _field(metadata, key("attention.head_count"), where)
+    head_dim = metadata.get(key("attention.key_length"), n_embd // n_head)
+    if metadata.get(key("expert_count"), 0):
+        raise CheckpointError(f"{where}: mixture-of-experts {architecture} is not supported; expected a dense model")
+    for name in ("rope.dimension_count", "attention.value_length"):
+        if metadata.get(key(name), head_dim) != head_dim:
+            raise CheckpointError(f"{where}: {key(name)} {metadata[key(name)]}; expected the head size {head_dim}")
+    rope_scaling = None
+    scaling = metadata.get(key("rope.scaling.type"), "none")
+    if scaling == "linear":
+        rope_scaling = RopeScaling("linear", factor=float(_field(metadata, key("rope.scaling.factor"), where)))
+    elif scaling != "none":
+        raise CheckpointError(f"{where}: rope scaling {scaling!r} ({key('rope.scaling.type')}) is not supported; "
+                              "supported: none, linear, and per-frequency factors (rope_freqs.weight)")
+    if "rope_freqs.weight" in source:
+        # Llama 3.1's scaling, as llama.cpp's converter writes it: each frequency's divisor, (D/2,).
+        divisors = source.take("rope_freqs.weight", (head_dim // 2,))
+        rope_scaling = RopeScaling("factors", frequency_divisors=tuple(divisors.tolist()))
+    vocab_size = metadata.get(key("vocab_size")) or source.shapes.get("token_embd.weight", (0,))[0]
     return _make_config(
-        source,
+        where,
         vocab_size=vocab_size,
-        n_layer=_field(metadata, "llama.block_count", source),
+        n_layer=_field(metadata, key("block_count"), where),
         n_head=n_head,
-        n_kv_heads=metadata.get("llama.attention.head_count_kv", n_head),
+        n_kv_heads=metadata.get(key("attention.head_count_kv"), n_head),
         n_embd=n_embd,
-        context_length=_field(metadata, "llama.context_length", source),
-        intermediate_size=_field(metadata, "llama.feed_forward_length", source),
+        context_length=_field(metadata, key("context_length"), where),
+        intermediate_size=_field(metadata, key("feed_forward_length"), where),
         positions="rope",
-        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+        rope_theta=float(metadata.get(key("rope.freq_base"), 10000.0)),
         norm="rmsnorm",
-        norm_eps=float(_field(metadata, "llama.attention.layer_norm_rms_epsilon", source)),
+        norm_eps=float(_field(metadata, key("attention.layer_norm_rms_epsilon"), where)),
         mlp="swiglu",
         bias=False,
         # llama.cpp's converter leaves output.weight out when the head shares the embedding.
-        tie_embeddings="output.weight" not in shapes,
-        architecture="llama",
+        tie_embeddings="output.weight" not in source,
+        architecture=architecture,
+        head_size=head_dim if head_dim != n_embd // n_head or n_embd % n_head else None,
+        qkv_bias=architecture == "qwen2",
+        qk_norm=architecture == "qwen3",
+        rope_scaling=rope_scaling,
     )
 
 
