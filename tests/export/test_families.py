@@ -81,3 +81,17 @@ def test_genai_runs_the_folder_to_the_same_tokens(kind, family_artifacts, transf
     if expected[-1] in eos:  # genai stops on the end-of-sequence id without writing it into the sequence
         expected = expected[:-1]
     assert [int(token) for token in generator.get_sequence(0)[len(prompt_ids):]] == expected
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_int4_is_certified_and_served(kind, family_folders, tmp_path):
+    """The int4 path (MatMulNBits, the LM head split by token frequency) covers each family's graph: per-head
+    norms, biases in the packed projection and sliding windows stay in float."""
+    from gptserve.export.exporter import export
+    from tests.export.test_precision import TINY_CRITERIA, matmul_kinds
+
+    manifest = export(str(family_folders[kind]), tmp_path / kind, precision="int4", criteria=TINY_CRITERIA["int4"])
+    assert manifest.parity.passed
+    assert matmul_kinds(tmp_path / kind) == ({4: 2 * 5 + 1, 8: 1}, 0)  # 2 x (qkv, o, gate, up, down) + the head
+    engine = Engine.load(tmp_path / kind)  # the start-up canary re-runs the recorded greedy tokens
+    assert tuple(engine.manifest.canary.greedy_tokens) == manifest.canary.greedy_tokens
