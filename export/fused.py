@@ -66,11 +66,9 @@ class ExportedGPT(nn.Module):
             # (context_length, D/2) angles, scaled frequencies included, computed as the eager model computes them;
             # yarn's attention factor scales cos and sin, so the kernel's rotation scales q and k as eager does.
             angles = rope_angles(torch.arange(config.context_length), config)
-            factor = rope_attention_factor(config)
-            self.register_buffer("cos_cache", angles.cos() * factor if factor != 1.0 else angles.cos(),
-                                 persistent=False)
-            self.register_buffer("sin_cache", angles.sin() * factor if factor != 1.0 else angles.sin(),
-                                 persistent=False)
+            factor = rope_attention_factor(config)  # 1.0 but for yarn: the same floats
+            self.register_buffer("cos_cache", angles.cos() * factor, persistent=False)
+            self.register_buffer("sin_cache", angles.sin() * factor, persistent=False)
         # A query sees the last sliding_window positions, its own included: GroupQueryAttention's local_window_size
         # counts the same way (the certification's 128-token prefill and 32 decode steps cross a window).
         self.local_window = {} if config.sliding_window is None else {"local_window_size": config.sliding_window}

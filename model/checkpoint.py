@@ -103,7 +103,7 @@ def load_gpt(config: GPTConfig, state_dict: StateDict) -> GPT:
 
 
 def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
-    """The config and float32 state dict of a GPT2LMHeadModel or LlamaForCausalLM folder, in our names."""
+    """The config and float32 state dict of a Hugging Face folder of one of HF_FAMILIES, in our names."""
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():

@@ -62,6 +62,7 @@ def rope_inverse_frequencies(config: GPTConfig) -> torch.Tensor:
         long = wavelength > scaling.original_context / scaling.low_freq_factor
         short = wavelength < scaling.original_context / scaling.high_freq_factor
         return torch.where(long, inv_freq / scaling.factor, torch.where(short, inv_freq, blended))
+    assert scaling.kind == "yarn", scaling.kind
     # yarn: dimensions that turn fewer than beta_slow times over the original context are interpolated (divided
     # by factor), those turning more than beta_fast times are kept, with a linear ramp between.
     def dimension_turning(rotations: float) -> float:
