@@ -31,7 +31,7 @@ HF_FAMILIES = {  # model_type -> architecture
 }
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 _Q = gguf.GGMLQuantizationType
 # Types gguf.quants can dequantize that llama-family files commonly use.
 GGUF_TENSOR_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
@@ -368,25 +368,36 @@ def _llama_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
     return layer
 
 
-def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
-    layer = [(ours, theirs, shape) for ours, theirs, _, shape in _llama_layer(config)]
-    fused = config.architecture in _FUSED
-    if fused:
-        layer = [entry for entry in layer if entry[0].split(".")[1] not in ("q_proj", "k_proj", "v_proj", "gate", "up")]
+_FUSED_PARTS = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "mlp.gate.weight", "mlp.up.weight")
+
+
+def _unfused_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
+    """_llama_layer without the weights Phi-3 stores fused (taken by _take_fused instead)."""
+    layer = _llama_layer(config)
+    return [entry for entry in layer if entry[0] not in _FUSED_PARTS] if config.architecture in _FUSED else layer
+
+
+def _take_fused(config: GPTConfig, source: _Source, qkv_name: str, gate_up_name: str, ours: str,
+                state: StateDict) -> None:
+    """Phi-3's fused weights split: q, k and v stacked along the output rows, the MLP's gate above its up."""
     H, KV, D, C, I = (config.n_head, config.kv_heads, config.head_dim, config.n_embd,  # noqa: E741
                       config.intermediate_size)
+    qkv = source.take(qkv_name, ((H + 2 * KV) * D, C))  # ((H+2KV)D, C)
+    for name, weight in zip("qkv", qkv.split([H * D, KV * D, KV * D])):
+        state[f"{ours}attn.{name}_proj.weight"] = weight.contiguous()
+    gate, up = source.take(gate_up_name, (2 * I, C)).split(I)  # each (I, C)
+    state[ours + "mlp.gate.weight"], state[ours + "mlp.up.weight"] = gate.contiguous(), up.contiguous()
+
+
+def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
     state = {"wte.weight": source.take("model.embed_tokens.weight", (config.vocab_size, config.n_embd))}
     for i in range(config.n_layer):
         theirs, ours = f"model.layers.{i}.", f"blocks.{i}."
-        for our_name, their_name, shape in layer:
+        for our_name, their_name, _, shape in _unfused_layer(config):
             state[ours + our_name] = source.take(theirs + their_name, shape)
-        if fused:
-            # Phi-3 stacks q, k and v along the output rows, and the MLP's gate above its up projection.
-            qkv = source.take(theirs + "self_attn.qkv_proj.weight", ((H + 2 * KV) * D, C))  # ((H+2KV)D, C)
-            for name, weight in zip("qkv", qkv.split([H * D, KV * D, KV * D])):
-                state[f"{ours}attn.{name}_proj.weight"] = weight.contiguous()
-            gate, up = source.take(theirs + "mlp.gate_up_proj.weight", (2 * I, C)).split(I)  # each (I, C)
-            state[ours + "mlp.gate.weight"], state[ours + "mlp.up.weight"] = gate.contiguous(), up.contiguous()
+        if config.architecture in _FUSED:
+            _take_fused(config, source, theirs + "self_attn.qkv_proj.weight", theirs + "mlp.gate_up_proj.weight",
+                        ours, state)
     state["norm_f.weight"] = source.take("model.norm.weight", (config.n_embd,))
     source.take_head("lm_head.weight", config, state)
     return state
@@ -397,7 +408,7 @@ def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
 
 
 def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
-    """The config and float32 (dequantized) state dict of a llama, qwen2 or qwen3 GGUF file, in our names."""
+    """The config and float32 (dequantized) state dict of a llama, qwen2, qwen3 or phi3 GGUF file, in our names."""
     path = Path(path)
     reader = _open_gguf(path)
     try:
@@ -424,15 +435,17 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
     source = _Source(str(path), shapes, load)
     config = _gguf_config(architecture, metadata, source)
     # llama.cpp rotates adjacent pairs for llama (its converter reorders q and k rows to suit) and each head's
-    # halves, as Hugging Face does, for qwen2 and qwen3 (stored as they are).
+    # halves, as Hugging Face does, for qwen2, qwen3 and phi3 (stored as they are).
     permuted = architecture == "llama"
     state = {"wte.weight": source.take("token_embd.weight", (config.vocab_size, config.n_embd))}
     for i in range(config.n_layer):
-        for ours, _, theirs, shape in _llama_layer(config):
+        for ours, _, theirs, shape in _unfused_layer(config):
             weight = source.take(f"blk.{i}.{theirs}", shape)
             if permuted and theirs in ("attn_q.weight", "attn_k.weight"):
                 weight = _unpermute_rotary_rows(weight, config.n_head if theirs == "attn_q.weight" else config.kv_heads)
             state[f"blocks.{i}.{ours}"] = weight
+        if architecture in _FUSED:  # llama.cpp keeps Phi-3's fusion: attn_qkv, and ffn_up holding gate and up
+            _take_fused(config, source, f"blk.{i}.attn_qkv.weight", f"blk.{i}.ffn_up.weight", f"blocks.{i}.", state)
     state["norm_f.weight"] = source.take("output_norm.weight", (config.n_embd,))
     source.take_head("output.weight", config, state)
     source.check_all_taken()
@@ -472,11 +485,16 @@ def _gguf_config(architecture: str, metadata: dict, source: _Source) -> GPTConfi
     elif scaling != "none":
         raise CheckpointError(f"{where}: rope scaling {scaling!r} ({key('rope.scaling.type')}) is not supported; "
                               "supported: none, linear, and per-frequency factors (rope_freqs.weight)")
+    if "rope_factors_long.weight" in source or "rope_factors_short.weight" in source:
+        raise CheckpointError(f"{where}: longrope scaling (rope_factors_long.weight, rope_factors_short.weight; "
+                              "Phi-3's 128k-context models) is not supported")
     if "rope_freqs.weight" in source:
         # Llama 3.1's scaling, as llama.cpp's converter writes it: each frequency's divisor, (D/2,).
         divisors = source.take("rope_freqs.weight", (head_dim // 2,))
         rope_scaling = RopeScaling("factors", frequency_divisors=tuple(divisors.tolist()))
     vocab_size = metadata.get(key("vocab_size")) or source.shapes.get("token_embd.weight", (0,))[0]
+    context_length = _field(metadata, key("context_length"), where)
+    window = metadata.get(key("attention.sliding_window"))  # Phi-3's; a window as long as the context is none
     return _make_config(
         where,
         vocab_size=vocab_size,
@@ -484,7 +502,7 @@ def _gguf_config(architecture: str, metadata: dict, source: _Source) -> GPTConfi
         n_head=n_head,
         n_kv_heads=metadata.get(key("attention.head_count_kv"), n_head),
         n_embd=n_embd,
-        context_length=_field(metadata, key("context_length"), where),
+        context_length=context_length,
         intermediate_size=_field(metadata, key("feed_forward_length"), where),
         positions="rope",
         rope_theta=float(metadata.get(key("rope.freq_base"), 10000.0)),
@@ -498,6 +516,7 @@ def _gguf_config(architecture: str, metadata: dict, source: _Source) -> GPTConfi
         head_size=head_dim if head_dim != n_embd // n_head or n_embd % n_head else None,
         qkv_bias=architecture == "qwen2",
         qk_norm=architecture == "qwen3",
+        sliding_window=window if window and window < context_length else None,
         rope_scaling=rope_scaling,
     )
 

