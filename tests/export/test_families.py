@@ -95,3 +95,25 @@ def test_int4_is_certified_and_served(kind, family_folders, tmp_path):
     assert matmul_kinds(tmp_path / kind) == ({4: 2 * 5 + 1, 8: 1}, 0)  # 2 x (qkv, o, gate, up, down) + the head
     engine = Engine.load(tmp_path / kind)  # the start-up canary re-runs the recorded greedy tokens
     assert tuple(engine.manifest.canary.greedy_tokens) == manifest.canary.greedy_tokens
+
+
+def test_engine_batches_across_mistrals_sliding_window(family_folders, family_artifacts):
+    """Rows of 81 and 30 prompt tokens and 40 decode steps, batched as the scheduler batches them (KV buffers
+    appended in place): both cross the 48-position window, and both rows are transformers' greedy tokens."""
+    engine = Engine.load(family_artifacts["mistral"])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family_folders["mistral"], dtype=torch.float32)
+    long_prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    prompts, steps = [long_prompt, long_prompt[:30]], 40
+    logits, cache = engine.prefill(prompts)
+    tokens = [[int(row.argmax())] for row in logits]
+    for _ in range(steps - 1):
+        logits = engine.decode(cache, np.array([row[-1] for row in tokens]))
+        for row, row_logits in zip(tokens, logits):
+            row.append(int(row_logits.argmax()))
+    for prompt, row in zip(prompts, tokens):
+        ids = torch.tensor([prompt])  # (1, T)
+        with torch.no_grad():
+            output = reference.eval().generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                               max_new_tokens=steps, eos_token_id=None)
+        assert row == output[0, len(prompt):].tolist()
+    assert len(long_prompt) > 48 and len(set(tokens[0])) > 1
