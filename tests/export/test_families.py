@@ -117,3 +117,18 @@ def test_engine_batches_across_mistrals_sliding_window(family_folders, family_ar
                                                max_new_tokens=steps, eos_token_id=None)
         assert row == output[0, len(prompt):].tolist()
     assert len(long_prompt) > 48 and len(set(tokens[0])) > 1
+
+
+def test_llama3_gguf_is_certified(tmp_path, family_folders, default_gguf):
+    """Llama 3.1's scaling as llama.cpp stores it (rope_freqs divisors) reaches the export's cos/sin caches."""
+    from gptserve.export.exporter import export
+    from gptserve.model.tokenizer import read_gguf_metadata
+    from tests.model.test_gguf_families import write_family_gguf
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(family_folders["llama3"])
+    tokenizer = {name: value for name, value in read_gguf_metadata(default_gguf).items()
+                 if name.startswith("tokenizer.ggml.") and name != "tokenizer.ggml.pre"}
+    write_family_gguf(tmp_path / "llama3.gguf", "llama3", reference, tokenizer)
+    manifest = export(str(tmp_path / "llama3.gguf"), tmp_path / "artifact", tolerance=1e-5)
+    assert manifest.parity.passed and manifest.model.config.rope_scaling.kind == "factors"
+    assert Engine.load(tmp_path / "artifact").manifest.model.config == manifest.model.config
