@@ -11,7 +11,7 @@ import transformers
 
 from gptserve.model.checkpoint import CheckpointError, load_gpt, read_hf_folder
 from gptserve.model.spec import load_pretrained
-from tests.model.test_checkpoint import greedy_decode, max_diff, random_ids, tiny_llama
+from tests.model.test_checkpoint import greedy_decode, max_diff, random_ids, randomize, tiny_llama
 from tests.tiny_models import FAMILIES, TINY_VOCAB
 
 # Long enough that the prompt and decode steps cross Mistral's 48-position window.
@@ -138,3 +138,17 @@ def test_what_we_cannot_serve_is_refused_by_name(tmp_path, kind, changes, messag
 def test_a_window_as_long_as_the_context_is_no_window(tmp_path):
     _saved_config(tmp_path, FAMILIES["mistral"](), sliding_window=256)
     assert read_hf_folder(tmp_path)[0].sliding_window is None
+
+
+@torch.no_grad()
+def test_untied_qwen2_matches_transformers(tmp_path):
+    """Qwen2.5's larger models keep their own LM head (the tiny fixture ties it, as Qwen2.5-0.5B does)."""
+    reference = FAMILIES["qwen2"]()
+    reference.config.tie_word_embeddings = False
+    reference = randomize(transformers.Qwen2ForCausalLM(reference.config), std=0.1)
+    reference.save_pretrained(tmp_path)
+    config, state = read_hf_folder(tmp_path)
+    assert not config.tie_embeddings and not torch.equal(state["lm_head.weight"], state["wte.weight"])
+    sequence = random_ids(1, 24, seed=7)
+    logits, _ = load_gpt(config, state)(sequence, torch.ones_like(sequence))
+    assert max_diff(logits, reference(sequence).logits) <= 1e-5
