@@ -19,10 +19,15 @@ from gptserve.model.fetch import sha256_file
 
 # 2: the fused graph (KV buffers with room are written in place; the optional logits_to_keep input).
 # 3: parsed strictly: every field written, the parity report's optional ones as null.
-FORMAT = "gptserve-artifact/3"
+# 4: the model config's family fields (head_size, qkv_bias, qk_norm, sliding_window, rope_scaling).
+FORMAT = "gptserve-artifact/4"
 MANIFEST = "manifest.json"
 GRAPH_FILE = "model.onnx"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+# onnxruntime-genai's name of each family; GPT-2 runs as its generic decoder.
+GENAI_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "phi3": "phi3"}
 
 
 class ArtifactError(RuntimeError):
@@ -84,7 +89,7 @@ def genai_config(config: GPTConfig, graph: GraphContract, eos_token_ids: list[in
     """onnxruntime-genai's description of the same graph, so it can load the folder unmodified."""
     return {
         "model": {
-            "type": "llama" if config.architecture == "llama" else "decoder",
+            "type": GENAI_MODEL_TYPES.get(config.architecture, "decoder"),
             "context_length": config.context_length,
             "vocab_size": graph.vocab_size,
             "bos_token_id": bos_token_id if bos_token_id is not None else eos_token_ids[0],

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptserve.model.gpt import GPT, Block, PastKeyValues, RMSNorm, rope_angles
+from gptserve.model.gpt import GPT, Block, PastKeyValues, RMSNorm, rope_angles, rope_attention_factor
 
 MICROSOFT = "com.microsoft::"
 LOGITS_TO_KEEP = "logits_to_keep"
@@ -57,16 +57,21 @@ class ExportedGPT(nn.Module):
             attention = block.attn
             parts = (attention.q_proj, attention.k_proj, attention.v_proj)
             self.register_buffer(f"qkv_weight_{index}", torch.cat([part.weight for part in parts]), persistent=False)
-            if config.bias:
+            if config.bias or config.qkv_bias:  # Qwen2's q, k and v biases ride in the packed projection too
                 self.register_buffer(f"qkv_bias_{index}", torch.cat([part.bias for part in parts]), persistent=False)
         if config.positions == "rope":
             if self.D % 16:
                 raise ValueError(f"head size {self.D}: ONNX Runtime's GroupQueryAttention applies rotary "
                                  "positions to head sizes that are multiples of 16 only")
-            # (context_length, D/2) angles, computed as the eager model computes them.
-            angles = rope_angles(torch.arange(config.context_length), config.head_dim, config.rope_theta)
-            self.register_buffer("cos_cache", angles.cos(), persistent=False)
-            self.register_buffer("sin_cache", angles.sin(), persistent=False)
+            # (context_length, D/2) angles, scaled frequencies included, computed as the eager model computes them;
+            # yarn's attention factor scales cos and sin, so the kernel's rotation scales q and k as eager does.
+            angles = rope_angles(torch.arange(config.context_length), config)
+            factor = rope_attention_factor(config)  # 1.0 but for yarn: the same floats
+            self.register_buffer("cos_cache", angles.cos() * factor, persistent=False)
+            self.register_buffer("sin_cache", angles.sin() * factor, persistent=False)
+        # A query sees the last sliding_window positions, its own included: GroupQueryAttention's local_window_size
+        # counts the same way (the certification's 128-token prefill and 32 decode steps cross a window).
+        self.local_window = {} if config.sliding_window is None else {"local_window_size": config.sliding_window}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past_key_values: PastKeyValues):
         model, config, blocks = self.model, self.config, blocks_of(self.model)
@@ -93,15 +98,25 @@ class ExportedGPT(nn.Module):
         H, KV, D = self.H, self.KV, self.D
         B, T, _ = x.shape
         qkv = F.linear(x, getattr(self, f"qkv_weight_{index}"), getattr(self, f"qkv_bias_{index}", None))
+        attention = self.model.blocks[index].attn
+        # Q, K and V packed in one tensor, which the kernel splits; with per-head norms (Qwen3) they are split here
+        # and normalized first, since the kernel rotates what it is given.
+        qkv_inputs: list[torch.Tensor | None] = [qkv, None, None]
+        if attention.qk_norm:
+            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)  # (B, T, H*D), (B, T, KV*D), (B, T, KV*D)
+            q = attention.q_norm(q.reshape(B, T, H, D)).reshape(B, T, H * D)  # each head over its own D
+            k = attention.k_norm(k.reshape(B, T, KV, D)).reshape(B, T, KV * D)
+            qkv_inputs = [q, k, v]
         rope = self.config.positions == "rope"
         present_shape = (B, KV, past_key.shape[2] + T, D)
         out, present_key, present_value = torch.onnx.ops.symbolic_multi_out(
-            MICROSOFT + "GroupQueryAttention",  # Q, K and V packed in one tensor: the kernel splits them
-            [qkv, None, None, past_key, past_value, seqlens_k, total_length,
+            MICROSOFT + "GroupQueryAttention",
+            [*qkv_inputs, past_key, past_value, seqlens_k, total_length,
              *((self.cos_cache, self.sin_cache) if rope else ())],
-            {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D), "do_rotary": int(rope)},
+            {"num_heads": H, "kv_num_heads": KV, "scale": 1.0 / math.sqrt(D), "do_rotary": int(rope),
+             **self.local_window},
             dtypes=[x.dtype] * 3, shapes=[(B, T, H * D), present_shape, present_shape], version=1)
-        return self.model.blocks[index].attn.o_proj(out), (present_key, present_value)
+        return attention.o_proj(out), (present_key, present_value)
 
 
 def add_logits_to_keep(model: onnx.ModelProto) -> None:

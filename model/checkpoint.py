@@ -7,6 +7,7 @@ all weights come out float32.
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -17,17 +18,20 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from gptserve.model.config import GPTConfig
+from gptserve.model.config import GPTConfig, RopeScaling
 from gptserve.model.gpt import GPT
 from gptserve.model.tokenizer import TokenizerError, read_gguf_metadata
 
 StateDict = dict[str, torch.Tensor]
 Shape = tuple[int, ...]
 
-HF_FAMILIES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}  # model_type -> architecture
+HF_FAMILIES = {  # model_type -> architecture
+    "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+}
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                    "pytorch_model.bin.index.json")
-GGUF_ARCHITECTURES = ("llama",)
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 _Q = gguf.GGMLQuantizationType
 # Types gguf.quants can dequantize that llama-family files commonly use.
 GGUF_TENSOR_TYPES = (_Q.F32, _Q.F16, _Q.BF16, _Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0,
@@ -99,7 +103,7 @@ def load_gpt(config: GPTConfig, state_dict: StateDict) -> GPT:
 
 
 def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
-    """The config and float32 state dict of a GPT2LMHeadModel or LlamaForCausalLM folder, in our names."""
+    """The config and float32 state dict of a Hugging Face folder of one of HF_FAMILIES, in our names."""
     folder = Path(path)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -126,7 +130,7 @@ def read_hf_folder(path: str | Path) -> tuple[GPTConfig, StateDict]:
         }
         convert = _gpt2_state_dict
     else:
-        config = _llama_config(hf, str(config_path))
+        config = _decoder_config(hf, model_type, str(config_path))
         tensors = {
             name: tensor for name, tensor in _read_hf_weights(folder).items()
             # Old Llama checkpoints saved their rotary frequencies; ours come from rope_theta.
@@ -222,24 +226,94 @@ def _gpt2_state_dict(config: GPTConfig, source: _Source) -> StateDict:
     return state
 
 
-def _llama_config(hf: dict, source: str) -> GPTConfig:
+# How each family differs from Llama in its Hugging Face config: the per-family facts, as data.
+_QKV_BIAS = {"qwen2"}  # biases on q_proj, k_proj and v_proj only
+_QK_NORM = {"qwen3"}  # q_norm and k_norm: RMSNorm over each head, before the rotary
+_FUSED = {"phi3"}  # qkv_proj (q, k, v stacked) and gate_up_proj (gate, up stacked)
+_SLIDING_SWITCHED = {"qwen2", "qwen3"}  # sliding_window counts only where use_sliding_window is set
+
+
+def _rope(hf: dict, context_length: int, source: str) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the scaling, from transformers 5's rope_parameters or older rope_theta and rope_scaling."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor {partial} is not supported; expected 1.0 "
+                              "(rotary positions over the whole head)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    original = int(rope.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or 0)
+    if kind in ("default", "dynamic"):
+        # Dynamic NTK scaling changes the frequencies only past max_position_embeddings, our context length:
+        # within it, it is the plain rotary.
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", factor=float(_field(rope, "factor", source + " rope_parameters")))
+    if kind == "llama3":
+        where = source + " rope_parameters"
+        return theta, _rope_scaling(
+            source, kind="llama3", factor=float(_field(rope, "factor", where)), original_context=original,
+            low_freq_factor=float(_field(rope, "low_freq_factor", where)),
+            high_freq_factor=float(_field(rope, "high_freq_factor", where)))
+    if kind == "yarn":
+        if not original:
+            raise CheckpointError(f"{source}: yarn rope scaling needs original_max_position_embeddings")
+        factor = float(rope.get("factor") or context_length / original)
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:  # the paper's mscale: 0.1 ln(factor) + 1, or a ratio of two such
+            mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+            if rope.get("mscale") and rope.get("mscale_all_dim"):
+                attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+            else:
+                attention_factor = mscale(factor)
+        return theta, _rope_scaling(
+            source, kind="yarn", factor=factor, original_context=original,
+            beta_fast=float(rope.get("beta_fast") or 32.0), beta_slow=float(rope.get("beta_slow") or 1.0),
+            truncate=bool(rope.get("truncate", True)), attention_factor=float(attention_factor))
+    if kind == "longrope":
+        raise CheckpointError(f"{source}: rope scaling 'longrope' (rope_parameters.rope_type; Phi-3's 128k-context "
+                              "models) is not supported; the 4k-context models use none")
+    raise CheckpointError(f"{source}: rope scaling {kind!r} (rope_parameters.rope_type) is not supported; "
+                          "supported: default, linear, dynamic, llama3, yarn")
+
+
+def _rope_scaling(source: str, **fields) -> RopeScaling:
+    try:
+        return RopeScaling(**fields)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from error
+
+
+def _sliding_window(hf: dict, model_type: str, context_length: int, source: str) -> int | None:
+    """The attention window, or None where every query sees its whole past within the context length."""
+    window = hf.get("sliding_window")
+    if model_type in _SLIDING_SWITCHED and not hf.get("use_sliding_window", False):
+        window = None
+    layer_types = set(hf.get("layer_types") or [])
+    if window is not None and layer_types - {"sliding_attention"}:
+        raise CheckpointError(f"{source}: a sliding window on some layers only (layer_types {sorted(layer_types)}) "
+                              "is not supported; expected it on every layer or on none")
+    # A window at least as long as the context never hides a position.
+    return window if window is not None and window < context_length else None
+
+
+def _decoder_config(hf: dict, model_type: str, source: str) -> GPTConfig:
+    """Llama and the families that differ from it in a few fields: Qwen2, Qwen3, Mistral, Phi-3."""
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r}; expected silu")
-    # transformers 5 writes rope_parameters; earlier versions wrote rope_theta and rope_scaling.
-    rope_parameters = hf.get("rope_parameters") or {}
-    for rope in (rope_parameters, hf.get("rope_scaling") or {}):
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise CheckpointError(f"{source}: rope scaling {rope_type!r} is not supported; expected none "
-                                  "(rope_type 'default')")
-    # Our model has one switch for the biases of every projection, attention and MLP alike.
     attention_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
-    if attention_bias != mlp_bias:
+    if model_type in _QKV_BIAS:
+        bias, qkv_bias = False, True
+    elif attention_bias != mlp_bias:
+        # Llama's attention_bias covers the output projection too: our `bias` is every projection or none.
         raise CheckpointError(f"{source}: attention_bias {attention_bias} with mlp_bias {mlp_bias}; "
                               "expected both true or both false")
+    else:
+        bias, qkv_bias = attention_bias, False
     n_embd, n_head = _field(hf, "hidden_size", source), _field(hf, "num_attention_heads", source)
-    if hf.get("head_dim") not in (None, n_embd // n_head):
-        raise CheckpointError(f"{source}: head_dim {hf['head_dim']}; expected hidden_size / num_attention_heads")
+    head_dim = hf.get("head_dim") or n_embd // n_head
+    context_length = _field(hf, "max_position_embeddings", source)
+    rope_theta, rope_scaling = _rope(hf, context_length, source)
     return _make_config(
         source,
         vocab_size=_field(hf, "vocab_size", source),
@@ -247,16 +321,22 @@ def _llama_config(hf: dict, source: str) -> GPTConfig:
         n_head=n_head,
         n_kv_heads=hf.get("num_key_value_heads") or n_head,
         n_embd=n_embd,
-        context_length=_field(hf, "max_position_embeddings", source),
+        context_length=context_length,
         intermediate_size=_field(hf, "intermediate_size", source),
         positions="rope",
-        rope_theta=float(rope_parameters.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=rope_theta,
         norm="rmsnorm",
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         mlp="swiglu",
-        bias=attention_bias,
+        bias=bias,
         tie_embeddings=hf.get("tie_word_embeddings", False),
-        architecture="llama",
+        architecture=model_type,
+        # Written only where it differs, so a Llama-shaped config stays what it was.
+        head_size=head_dim if head_dim != n_embd // n_head or n_embd % n_head else None,
+        qkv_bias=qkv_bias,
+        qk_norm=model_type in _QK_NORM,
+        sliding_window=_sliding_window(hf, model_type, context_length, source),
+        rope_scaling=rope_scaling,
     )
 
 
@@ -264,7 +344,7 @@ def _llama_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
     """Per block: our name, the Hugging Face name, the GGUF name, and the shape (nn.Linear's (out, in))."""
     C, I, D = config.n_embd, config.intermediate_size, config.head_dim  # noqa: E741 (the MLP width)
     H, KV = config.n_head, config.kv_heads
-    return [
+    layer = [
         ("norm_1.weight", "input_layernorm.weight", "attn_norm.weight", (C,)),
         ("attn.q_proj.weight", "self_attn.q_proj.weight", "attn_q.weight", (H * D, C)),
         ("attn.k_proj.weight", "self_attn.k_proj.weight", "attn_k.weight", (KV * D, C)),
@@ -275,28 +355,60 @@ def _llama_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
         ("mlp.up.weight", "mlp.up_proj.weight", "ffn_up.weight", (I, C)),
         ("mlp.down.weight", "mlp.down_proj.weight", "ffn_down.weight", (C, I)),
     ]
+    if config.bias:  # every projection has a bias as long as its output
+        layer += [(ours.replace(".weight", ".bias"), theirs.replace(".weight", ".bias"),
+                   gguf_name.replace(".weight", ".bias"), shape[:1])
+                  for ours, theirs, gguf_name, shape in layer if "norm" not in ours]
+    elif config.qkv_bias:
+        layer += [(f"attn.{x}_proj.bias", f"self_attn.{x}_proj.bias", f"attn_{x}.bias", (n * D,))
+                  for x, n in (("q", H), ("k", KV), ("v", KV))]
+    if config.qk_norm:
+        layer += [("attn.q_norm.weight", "self_attn.q_norm.weight", "attn_q_norm.weight", (D,)),
+                  ("attn.k_norm.weight", "self_attn.k_norm.weight", "attn_k_norm.weight", (D,))]
+    return layer
+
+
+_FUSED_PARTS = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight", "mlp.gate.weight", "mlp.up.weight")
+
+
+def _unfused_layer(config: GPTConfig) -> list[tuple[str, str, str, Shape]]:
+    """_llama_layer without the weights Phi-3 stores fused (taken by _take_fused instead)."""
+    layer = _llama_layer(config)
+    return [entry for entry in layer if entry[0] not in _FUSED_PARTS] if config.architecture in _FUSED else layer
+
+
+def _take_fused(config: GPTConfig, source: _Source, qkv_name: str, gate_up_name: str, ours: str,
+                state: StateDict) -> None:
+    """Phi-3's fused weights split: q, k and v stacked along the output rows, the MLP's gate above its up."""
+    H, KV, D, C, I = (config.n_head, config.kv_heads, config.head_dim, config.n_embd,  # noqa: E741
+                      config.intermediate_size)
+    qkv = source.take(qkv_name, ((H + 2 * KV) * D, C))  # ((H+2KV)D, C)
+    for name, weight in zip("qkv", qkv.split([H * D, KV * D, KV * D])):
+        state[f"{ours}attn.{name}_proj.weight"] = weight.contiguous()
+    gate, up = source.take(gate_up_name, (2 * I, C)).split(I)  # each (I, C)
+    state[ours + "mlp.gate.weight"], state[ours + "mlp.up.weight"] = gate.contiguous(), up.contiguous()
 
 
 def _llama_hf_state_dict(config: GPTConfig, source: _Source) -> StateDict:
-    layer = [(ours, theirs, shape) for ours, theirs, _, shape in _llama_layer(config)]
-    if config.bias:  # every projection has a bias as long as its output
-        layer += [(ours.replace(".weight", ".bias"), theirs.replace(".weight", ".bias"), shape[:1])
-                  for ours, theirs, shape in layer if "norm" not in ours]
     state = {"wte.weight": source.take("model.embed_tokens.weight", (config.vocab_size, config.n_embd))}
     for i in range(config.n_layer):
-        for ours, theirs, shape in layer:
-            state[f"blocks.{i}.{ours}"] = source.take(f"model.layers.{i}.{theirs}", shape)
+        theirs, ours = f"model.layers.{i}.", f"blocks.{i}."
+        for our_name, their_name, _, shape in _unfused_layer(config):
+            state[ours + our_name] = source.take(theirs + their_name, shape)
+        if config.architecture in _FUSED:
+            _take_fused(config, source, theirs + "self_attn.qkv_proj.weight", theirs + "mlp.gate_up_proj.weight",
+                        ours, state)
     state["norm_f.weight"] = source.take("model.norm.weight", (config.n_embd,))
     source.take_head("lm_head.weight", config, state)
     return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GGUF files (llama.cpp): llama architecture, dequantized to float32.
+# GGUF files (llama.cpp): llama (Mistral too), qwen2 and qwen3 architectures, dequantized to float32.
 
 
 def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
-    """The config and float32 (dequantized) state dict of a llama-architecture GGUF file, in our names."""
+    """The config and float32 (dequantized) state dict of a llama, qwen2, qwen3 or phi3 GGUF file, in our names."""
     path = Path(path)
     reader = _open_gguf(path)
     try:
@@ -310,9 +422,6 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     # GGUF lists dimensions fastest-varying first (ggml's ne); torch's order is the reverse.
     shapes = {name: tuple(int(n) for n in reversed(tensor.shape)) for name, tensor in tensors.items()}
-    if "rope_freqs.weight" in tensors:
-        raise CheckpointError(f"{path}: per-frequency rope scaling (rope_freqs.weight) is not supported")
-    config = _gguf_llama_config(metadata, shapes, str(path))
 
     def load(name: str) -> torch.Tensor:
         tensor = tensors[name]
@@ -324,15 +433,19 @@ def read_gguf(path: str | Path) -> tuple[GPTConfig, StateDict]:
         return torch.from_numpy(np.array(values, dtype=np.float32)).reshape(shapes[name])
 
     source = _Source(str(path), shapes, load)
+    config = _gguf_config(architecture, metadata, source)
+    # llama.cpp rotates adjacent pairs for llama (its converter reorders q and k rows to suit) and each head's
+    # halves, as Hugging Face does, for qwen2, qwen3 and phi3 (stored as they are).
+    permuted = architecture == "llama"
     state = {"wte.weight": source.take("token_embd.weight", (config.vocab_size, config.n_embd))}
     for i in range(config.n_layer):
-        for ours, _, theirs, shape in _llama_layer(config):
+        for ours, _, theirs, shape in _unfused_layer(config):
             weight = source.take(f"blk.{i}.{theirs}", shape)
-            if theirs == "attn_q.weight":
-                weight = _unpermute_rotary_rows(weight, config.n_head)
-            elif theirs == "attn_k.weight":
-                weight = _unpermute_rotary_rows(weight, config.kv_heads)
+            if permuted and theirs in ("attn_q.weight", "attn_k.weight"):
+                weight = _unpermute_rotary_rows(weight, config.n_head if theirs == "attn_q.weight" else config.kv_heads)
             state[f"blocks.{i}.{ours}"] = weight
+        if architecture in _FUSED:  # llama.cpp keeps Phi-3's fusion: attn_qkv, and ffn_up holding gate and up
+            _take_fused(config, source, f"blk.{i}.attn_qkv.weight", f"blk.{i}.ffn_up.weight", f"blocks.{i}.", state)
     state["norm_f.weight"] = source.take("output_norm.weight", (config.n_embd,))
     source.take_head("output.weight", config, state)
     source.check_all_taken()
@@ -354,37 +467,57 @@ def _open_gguf(path: Path) -> gguf.GGUFReader:
         raise CheckpointError(f"{path}: truncated or corrupt GGUF file ({error})") from error
 
 
-def _gguf_llama_config(metadata: dict, shapes: dict[str, Shape], source: str) -> GPTConfig:
-    n_embd = _field(metadata, "llama.embedding_length", source)
-    n_head = _field(metadata, "llama.attention.head_count", source)
-    head_dim = n_embd // n_head
-    if metadata.get("llama.expert_count", 0):
-        raise CheckpointError(f"{source}: mixture-of-experts llama is not supported; expected a dense model")
-    for key in ("llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"):
-        if metadata.get(key, head_dim) != head_dim:
-            raise CheckpointError(f"{source}: {key} {metadata[key]}; expected the head size {head_dim}")
-    scaling = metadata.get("llama.rope.scaling.type", "none")
-    if scaling != "none":
-        raise CheckpointError(f"{source}: rope scaling {scaling!r} is not supported; expected none")
-    vocab_size = metadata.get("llama.vocab_size") or shapes.get("token_embd.weight", (0,))[0]
+def _gguf_config(architecture: str, metadata: dict, source: _Source) -> GPTConfig:
+    where = source.name
+    key = lambda name: f"{architecture}.{name}"  # metadata keys are prefixed with the architecture
+    n_embd = _field(metadata, key("embedding_length"), where)
+    n_head = _field(metadata, key("attention.head_count"), where)
+    head_dim = metadata.get(key("attention.key_length"), n_embd // n_head)
+    if metadata.get(key("expert_count"), 0):
+        raise CheckpointError(f"{where}: mixture-of-experts {architecture} is not supported; expected a dense model")
+    for name in ("rope.dimension_count", "attention.value_length"):
+        if metadata.get(key(name), head_dim) != head_dim:
+            raise CheckpointError(f"{where}: {key(name)} {metadata[key(name)]}; expected the head size {head_dim}")
+    rope_scaling = None
+    scaling = metadata.get(key("rope.scaling.type"), "none")
+    if scaling == "linear":
+        rope_scaling = RopeScaling("linear", factor=float(_field(metadata, key("rope.scaling.factor"), where)))
+    elif scaling != "none":
+        raise CheckpointError(f"{where}: rope scaling {scaling!r} ({key('rope.scaling.type')}) is not supported; "
+                              "supported: none, linear, and per-frequency factors (rope_freqs.weight)")
+    if "rope_factors_long.weight" in source or "rope_factors_short.weight" in source:
+        raise CheckpointError(f"{where}: longrope scaling (rope_factors_long.weight, rope_factors_short.weight; "
+                              "Phi-3's 128k-context models) is not supported")
+    if "rope_freqs.weight" in source:
+        # Llama 3.1's scaling, as llama.cpp's converter writes it: each frequency's divisor, (D/2,).
+        divisors = source.take("rope_freqs.weight", (head_dim // 2,))
+        rope_scaling = RopeScaling("factors", frequency_divisors=tuple(divisors.tolist()))
+    vocab_size = metadata.get(key("vocab_size")) or source.shapes.get("token_embd.weight", (0,))[0]
+    context_length = _field(metadata, key("context_length"), where)
+    window = metadata.get(key("attention.sliding_window"))  # Phi-3's; a window as long as the context is none
     return _make_config(
-        source,
+        where,
         vocab_size=vocab_size,
-        n_layer=_field(metadata, "llama.block_count", source),
+        n_layer=_field(metadata, key("block_count"), where),
         n_head=n_head,
-        n_kv_heads=metadata.get("llama.attention.head_count_kv", n_head),
+        n_kv_heads=metadata.get(key("attention.head_count_kv"), n_head),
         n_embd=n_embd,
-        context_length=_field(metadata, "llama.context_length", source),
-        intermediate_size=_field(metadata, "llama.feed_forward_length", source),
+        context_length=context_length,
+        intermediate_size=_field(metadata, key("feed_forward_length"), where),
         positions="rope",
-        rope_theta=float(metadata.get("llama.rope.freq_base", 10000.0)),
+        rope_theta=float(metadata.get(key("rope.freq_base"), 10000.0)),
         norm="rmsnorm",
-        norm_eps=float(_field(metadata, "llama.attention.layer_norm_rms_epsilon", source)),
+        norm_eps=float(_field(metadata, key("attention.layer_norm_rms_epsilon"), where)),
         mlp="swiglu",
         bias=False,
         # llama.cpp's converter leaves output.weight out when the head shares the embedding.
-        tie_embeddings="output.weight" not in shapes,
-        architecture="llama",
+        tie_embeddings="output.weight" not in source,
+        architecture=architecture,
+        head_size=head_dim if head_dim != n_embd // n_head or n_embd % n_head else None,
+        qkv_bias=architecture == "qwen2",
+        qk_norm=architecture == "qwen3",
+        sliding_window=window if window and window < context_length else None,
+        rope_scaling=rope_scaling,
     )
 
 

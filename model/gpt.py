@@ -41,27 +41,74 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
-    """Rotary angles of each position, (..., D/2): position * theta^(-2i/D)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (D/2,)
-    return position_ids.to(torch.float32)[..., None] * inv_freq
+def rope_inverse_frequencies(config: GPTConfig) -> torch.Tensor:
+    """Each rotary pair's angle per position, (D/2,) float32: theta^(-2i/D), stretched by the rope scaling."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float32) / D))  # (D/2,)
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":  # positions / factor, which is frequencies / factor
+        return inv_freq / scaling.factor
+    if scaling.kind == "factors":
+        return inv_freq / torch.tensor(scaling.frequency_divisors, dtype=torch.float32)
+    if scaling.kind == "llama3":
+        # Wavelengths shorter than original_context / high_freq_factor are kept, longer than
+        # original_context / low_freq_factor divided by factor, and those between blended smoothly.
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((scaling.original_context / wavelength - scaling.low_freq_factor)
+                  / (scaling.high_freq_factor - scaling.low_freq_factor))
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        long = wavelength > scaling.original_context / scaling.low_freq_factor
+        short = wavelength < scaling.original_context / scaling.high_freq_factor
+        return torch.where(long, inv_freq / scaling.factor, torch.where(short, inv_freq, blended))
+    assert scaling.kind == "yarn", scaling.kind
+    # yarn: dimensions that turn fewer than beta_slow times over the original context are interpolated (divided
+    # by factor), those turning more than beta_fast times are kept, with a linear ramp between.
+    def dimension_turning(rotations: float) -> float:
+        return D * math.log(scaling.original_context / (rotations * 2 * math.pi)) / (2 * math.log(config.rope_theta))
+
+    low, high = dimension_turning(scaling.beta_fast), dimension_turning(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    ramp = ((torch.arange(D // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)  # (D/2,)
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(position_ids: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    """Rotary angles of each position, (..., D/2): position * inverse frequency."""
+    return position_ids.to(torch.float32)[..., None] * rope_inverse_frequencies(config)
+
+
+def rope_attention_factor(config: GPTConfig) -> float:
+    """cos and sin are scaled by this (yarn's mscale), which scales the rotated queries and keys alike."""
+    return config.rope_scaling.attention_factor if config.rope_scaling is not None else 1.0
+
+
+def rope_cos_sin(position_ids: torch.Tensor, config: GPTConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, each (B, 1, T, D), halves repeated."""
-    freqs = rope_angles(position_ids, head_dim, theta)  # (B, T, D/2)
+    freqs = rope_angles(position_ids, config)  # (B, T, D/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-    return angles.cos(), angles.sin()
+    factor = rope_attention_factor(config)
+    if factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * factor, angles.sin() * factor
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        if config.qk_norm:  # one (D,) weight shared by every head
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.attn_dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -77,6 +124,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
         v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        if self.qk_norm:  # each head's query and key vectors RMS-normalized over D, before they are rotated
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, H, T, D), (B, KV, T, D)
         if rope is not None:
             cos, sin = rope
             q = q * cos + rotate_half(q) * sin
@@ -160,6 +209,9 @@ class GPT(nn.Module):
         # A padding position may see itself, so no row is fully masked (which would turn softmax into NaN
         # under fused kernels and fp16); real rows never see padding.
         itself = key_index[None, :] == query_index[:, None]  # (T, P+T)
+        if self.config.sliding_window is not None:
+            # Rows are left-padded, so a row's tokens are consecutive slots: slot distance is position distance.
+            causal = causal & (query_index[:, None] - key_index[None, :] < self.config.sliding_window)  # (T, P+T)
         allowed = causal[None, None] & (attention_mask.bool()[:, None, None, :] | itself)  # (B, 1, T, P+T)
 
         x = self.wte(input_ids)  # (B, T, C)
@@ -167,7 +219,7 @@ class GPT(nn.Module):
         if self.config.positions == "learned":
             x = x + self.wpe(position_ids)
         else:
-            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            rope = rope_cos_sin(position_ids, self.config)
         presents = []
         for block, (past_key, past_value) in zip(self.blocks, past_key_values):
             x, present = block(x, allowed, rope, past_key, past_value)

@@ -1,5 +1,5 @@
-"""Tiny random GPT-2 and Llama models built with transformers (the reference), saved as Hugging Face folders
-with the default model's real tokenizer, so every layer of the stack runs on them quickly."""
+"""Tiny random GPT-2, Llama and the other families' models built with transformers (the reference), saved as
+Hugging Face folders with the default model's real tokenizer, so every layer of the stack runs on them quickly."""
 
 from __future__ import annotations
 
@@ -8,6 +8,40 @@ from pathlib import Path
 import torch
 
 TINY_VOCAB = 49152  # the default model's tokenizer, so prompts are real text
+
+
+def _family(config_class: str, model_class: str, **fields):
+    """A tiny model of one family: 2 layers, 4 query heads over 2 KV heads, 256 positions."""
+    def build():
+        import transformers
+
+        shape = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
+                     eos_token_id=2)
+        config = getattr(transformers, config_class)(**{**shape, **fields})
+        return getattr(transformers, model_class)(config)
+    return build
+
+
+# Each family with what sets it apart from Llama 2, at sizes ONNX Runtime's rotary kernel takes (head sizes that
+# are multiples of 16).
+FAMILIES = {
+    # Llama 3.x: llama3 rope scaling (an original context short enough that all three frequency bands occur at
+    # head size 16), an explicit head_dim, and two end-of-sequence ids (<|im_end|> and <|endoftext|> here).
+    "llama3": _family("LlamaConfig", "LlamaForCausalLM", head_dim=16, tie_word_embeddings=True, eos_token_id=[2, 0],
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 64}),
+    # Qwen2.5: biases on q, k and v only; tied head.
+    "qwen2": _family("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True, rope_theta=1000000.0),
+    # Qwen3: per-head q/k RMSNorm before the rotary; head_dim 32 with hidden size 64 over 4 heads.
+    "qwen3": _family("Qwen3Config", "Qwen3ForCausalLM", head_dim=32, tie_word_embeddings=True),
+    # Mistral: an explicit head_dim and a sliding window shorter than the context and the canary prompts.
+    "mistral": _family("MistralConfig", "MistralForCausalLM", head_dim=32, sliding_window=48,
+                       tie_word_embeddings=False),
+    # Phi-3 mini (4k): q, k and v in one fused qkv_proj, gate and up in one gate_up_proj.
+    "phi3": _family("Phi3Config", "Phi3ForCausalLM", pad_token_id=0, tie_word_embeddings=False),
+}
 
 
 def build_reference(kind: str, seed: int = 0, std: float = 0.1):
@@ -28,6 +62,8 @@ def build_reference(kind: str, seed: int = 0, std: float = 0.1):
             rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
         )
         model = transformers.LlamaForCausalLM(config)
+    elif kind in FAMILIES:
+        model = FAMILIES[kind]()
     else:
         raise ValueError(kind)
     with torch.no_grad():
@@ -44,4 +80,30 @@ def save_tiny_folder(kind: str, folder: Path, tokenizer_source: Path, seed: int 
     model = build_reference(kind, seed)
     model.save_pretrained(folder)
     Tokenizer.from_gguf(tokenizer_source).save(folder)
+    return model
+
+
+FAMILY_PROMPT = "The quick brown fox jumps over the lazy dog. Once upon a time"
+FAMILY_NEW_TOKENS = 16
+
+
+def save_family_folder(kind: str, folder: Path, tokenizer_source: Path):
+    """A tiny model of `kind` (one of FAMILIES) and the default model's tokenizer in a Hugging Face folder; returns
+    the transformers model. The Llama 3 model's second end-of-sequence id is a token its greedy continuation of
+    FAMILY_PROMPT reaches, so every layer that should stop on it (transformers, the engine, the server,
+    onnxruntime-genai) visibly does."""
+    from gptserve.model.tokenizer import Tokenizer
+
+    model = build_reference(kind)
+    tokenizer = Tokenizer.from_gguf(tokenizer_source)
+    if kind == "llama3":
+        prompt = torch.tensor([tokenizer.encode(FAMILY_PROMPT)])  # (1, T)
+        with torch.no_grad():
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=FAMILY_NEW_TOKENS,
+                                    do_sample=False, eos_token_id=[2])
+        tokens = output[0, prompt.shape[1]:].tolist()
+        stop = next(token for index, token in enumerate(tokens) if index >= 6 and token not in tokens[:index])
+        model.config.eos_token_id = model.generation_config.eos_token_id = [2, stop]
+    model.save_pretrained(folder)
+    tokenizer.save(folder)
     return model

@@ -34,7 +34,7 @@ def run(config, module, x):
     empty = torch.zeros(B, config.kv_heads, 0, config.head_dim)
     rope = None
     if config.positions == "rope":
-        rope = rope_cos_sin(torch.arange(T)[None].expand(B, T), config.head_dim, config.rope_theta)
+        rope = rope_cos_sin(torch.arange(T)[None].expand(B, T), config)
     return module(x, allowed, rope, empty, empty), rope
 
 

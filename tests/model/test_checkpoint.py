@@ -385,14 +385,6 @@ def test_hf_missing_config_or_weights(tmp_path):
         read_hf_folder(tmp_path)
 
 
-def test_hf_rope_scaling_is_refused(tmp_path):
-    model = tiny_llama(tie=True)
-    model.config.rope_parameters = {"rope_type": "linear", "rope_theta": 5000.0, "factor": 2.0}
-    model.save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="rope scaling 'linear' is not supported"):
-        read_hf_folder(tmp_path)
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda state: state.pop("transformer.h.1.mlp.c_fc.bias"), r"missing tensor 'h.1.mlp.c_fc.bias'"),
     (lambda state: state.update(extra=torch.zeros(1)), r"unexpected tensors \['extra'\]"),
