@@ -30,6 +30,11 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
 TOKEN = "sesame"
 IDS = {"return_token_ids": True}  # vLLM's: token_ids and prompt_token_ids in each choice
+# HTTP returns the engine's float64 logprobs, gRPC rounds them to float32 (1e-7 at these magnitudes). Two runs of
+# one greedy request normally give bit-identical logprobs, but full-module runs right after a fresh export have
+# shown the first token's logprob 1.6e-6 apart between the HTTP and the gRPC run (about one float32 step of a
+# logit): engine numerics, not the API's mapping. Hence 1e-5, not 1e-6.
+LOGPROB_TOLERANCE = 1e-5
 GRPC_FINISH = {pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_EOS: "stop"}
 
 
@@ -346,10 +351,10 @@ def test_chat_logprobs_equal_grpc(served, api):
     tokens = reference.choices[0].tokens
     assert len(content) == len(tokens) == len(reference.token_ids) > 0
     for item, token in zip(content, tokens):
-        assert math.isclose(item.logprob, token.logprob, abs_tol=1e-6)
+        assert math.isclose(item.logprob, token.logprob, abs_tol=LOGPROB_TOLERANCE)
         assert len(item.top_logprobs) == len(token.top_logprobs) == 3
         for top, expected in zip(item.top_logprobs, token.top_logprobs):
-            assert top.token == expected.text and math.isclose(top.logprob, expected.logprob, abs_tol=1e-6)
+            assert top.token == expected.text and math.isclose(top.logprob, expected.logprob, abs_tol=LOGPROB_TOLERANCE)
             assert bytes(top.bytes) == top.token.encode()
         # Greedy: the chosen token is the most likely one.
         assert item.token == item.top_logprobs[0].token and item.logprob == item.top_logprobs[0].logprob
@@ -360,7 +365,9 @@ def test_chat_logprobs_equal_grpc(served, api):
                                          top_logprobs=3, stream=True)
     streamed = [item for chunk in chunks for choice in chunk.choices if choice.logprobs
                 for item in choice.logprobs.content]
-    assert [(item.token, item.logprob) for item in streamed] == [(item.token, item.logprob) for item in content]
+    assert [item.token for item in streamed] == [item.token for item in content]
+    assert all(math.isclose(one.logprob, other.logprob, abs_tol=LOGPROB_TOLERANCE)
+               for one, other in zip(streamed, content))
 
 
 def test_completion_logprobs_equal_grpc(served, api):
@@ -372,11 +379,11 @@ def test_completion_logprobs_equal_grpc(served, api):
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(tokens) == 8
     offset = 0
     for position, token in enumerate(tokens):
-        assert math.isclose(logprobs.token_logprobs[position], token.logprob, abs_tol=1e-6)
+        assert math.isclose(logprobs.token_logprobs[position], token.logprob, abs_tol=LOGPROB_TOLERANCE)
         top = logprobs.top_logprobs[position]
         expected = {item.text: item.logprob for item in token.top_logprobs}
         assert top.keys() == expected.keys() and len(top) == 3
-        assert all(math.isclose(top[text], expected[text], abs_tol=1e-6) for text in top)
+        assert all(math.isclose(top[text], expected[text], abs_tol=LOGPROB_TOLERANCE) for text in top)
         best_text, best = next(iter(top.items()))  # most likely first
         assert best_text == logprobs.tokens[position] and best == logprobs.token_logprobs[position]
         assert logprobs.text_offset[position] == offset
