@@ -54,6 +54,8 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
 }
+UNION_MEMBER = re.compile(r"int|float|str|bool|(list|dict|tuple)\[.*\]|[A-Z]\w*")
+PROMPT_FIELD = re.compile(r"^(input|prompt_token_ids\.ids|prompt)(?=\[|$)")
 ROUTE_METHODS = {"/v1/chat/completions": "ChatCompletions", "/v1/completions": "Completions", "/v1/models": "Models",
                  "/tokenize": "Tokenize", "/detokenize": "Detokenize"}
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
@@ -150,7 +152,9 @@ class OpenAIFrontend:
         assert isinstance(error, RequestValidationError)  # registered for it only
         self._check_token(request)  # an unauthenticated caller learns nothing about its request
         first = error.errors()[0]
-        location = [str(part) for part in first["loc"] if part != "body"]
+        # pydantic names the member of a union it tried ("temperature.int"): the field is what the client wrote.
+        location = [str(part) for part in first["loc"]
+                    if part != "body" and (isinstance(part, int) or not UNION_MEMBER.fullmatch(part))]
         param = location[0] + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:]) \
             if location else None
         message = f"{param}: {first['msg']}" if param else \
@@ -267,11 +271,18 @@ class OpenAIFrontend:
             self._check_token(request)
             backend = self._backend(body.model)
             checked = []
-            for message in inputs():
+            messages = inputs()
+            for position, message in enumerate(messages):
                 body.fill(message)
                 message.request_id = call.request_id
-                checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
-                                                       backend.limits))
+                try:
+                    checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
+                                                           backend.limits))
+                except InvalidRequest as error:  # of several prompts, say which
+                    if len(messages) > 1 and PROMPT_FIELD.match(error.field):
+                        raise InvalidRequest(PROMPT_FIELD.sub(f"prompt[{position}]", error.field),
+                                             error.problem) from None
+                    raise
             call.request = checked[0]
             leaders: list[RequestHandle] = []
             try:  # every prompt queued, or none
