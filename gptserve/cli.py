@@ -398,6 +398,7 @@ def add_service_commands(commands) -> None:
     bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrent streams")
     bench.add_argument("--max-new-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
     bench.add_argument("--rounds", type=int, default=2, help="requests per stream at each concurrency")
+    bench.add_argument("--repeats", type=int, default=3, help="times every path is measured, in turn (medians)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.set_defaults(run=run_bench_serve)

@@ -246,9 +246,19 @@ def format_table(figures: list[Figures]) -> str:
     return "\n".join(lines)
 
 
-def _served(targets: dict[str, Target], args) -> list[Figures]:
+def _served(targets: dict[str, Target], args, streams: int) -> list[Figures]:
     return [asyncio.run(STREAMS[protocol](target, streams, args.rounds, args.max_new_tokens))
-            for protocol, target in targets.items() for streams in args.concurrency]
+            for protocol, target in targets.items()]
+
+
+def median_figures(runs: list[Figures]) -> Figures:
+    """One path at one concurrency over several repeats: each figure's median."""
+    middle = lambda values: float(np.median(values))
+    first = runs[0]
+    return Figures(first.path, first.streams, sum(run.requests for run in runs), sum(run.tokens for run in runs),
+                   middle([run.seconds for run in runs]),
+                   *(middle([getattr(run, name) for run in runs]) for name in
+                     ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "tokens_per_second")))
 
 
 def run_bench_target(args) -> int:
@@ -261,7 +271,8 @@ def run_bench_target(args) -> int:
     print(f"target: {args.target} over {args.protocol[0]}; greedy, EOS ignored, {args.max_new_tokens} new tokens "
           f"each, {args.rounds} per stream", flush=True)
     try:
-        figures = _served({args.protocol[0]: target}, args)
+        figures = [figure for _ in range(args.repeats) for streams in args.concurrency
+                   for figure in _served({args.protocol[0]: target}, args, streams)]
     except grpc.RpcError as error:
         raise ConfigError("--target", f"{args.target}: {error.code().name}: {error.details()}") from None
     except httpx.HTTPStatusError as error:
@@ -273,34 +284,41 @@ def run_bench_target(args) -> int:
 
 
 def run_bench(folder: Path, args) -> int:
+    """Every path in turn, repeat after repeat, so a slow spell of a shared machine falls on all of them alike;
+    medians over the repeats."""
     from gptserve.service.engine import Engine
 
     engine = Engine.load(folder, "auto", args.threads)
     print("\n".join(machine_description(engine)), flush=True)
     print(f"requests: greedy, EOS ignored, {args.max_new_tokens} new tokens each, {args.rounds} per stream, "
           f"prompts of {min(map(len, PROMPTS))}-{max(map(len, PROMPTS))} characters", flush=True)
-    figures = []
     bench_engine_loop(engine, 1, 8)  # warm-up
-    figures.append(bench_engine_loop(engine, args.rounds, args.max_new_tokens))
-    for streams in args.concurrency:
-        figures.append(asyncio.run(_scheduler_streams(engine, streams, args.rounds, args.max_new_tokens)))
-    del engine  # the server child loads its own
-
     port, http_port, slots = free_port(), free_port(), str(max(args.concurrency))
     server = start_server(folder, port, "--http-port", str(http_port), "--max-batch-size", slots, "--max-queue",
                           slots, *(["--threads", str(args.threads)] if args.threads else []))
-    addresses = {"grpc": f"127.0.0.1:{port}", "openai": f"127.0.0.1:{http_port}"}
+    targets = {protocol: Target(address) for protocol, address in
+               (("grpc", f"127.0.0.1:{port}"), ("openai", f"127.0.0.1:{http_port}")) if protocol in args.protocol}
+    figures: list[Figures] = []
     try:
-        figures += _served({protocol: Target(addresses[protocol]) for protocol in args.protocol}, args)
+        for _ in range(args.repeats):
+            for streams in args.concurrency:
+                if streams == 1:
+                    figures.append(bench_engine_loop(engine, args.rounds, args.max_new_tokens))
+                figures.append(asyncio.run(_scheduler_streams(engine, streams, args.rounds, args.max_new_tokens)))
+                figures += _served(targets, args, streams)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     return report(figures, args)
 
 
-def report(figures: list[Figures], args) -> int:
+def report(runs: list[Figures], args) -> int:
     order = {"engine": 0, "scheduler": 1, "grpc": 2, "openai": 3}
-    figures.sort(key=lambda item: (item.streams, order[item.path]))
+    grouped: dict[tuple[str, int], list[Figures]] = {}
+    for run in runs:
+        grouped.setdefault((run.path, run.streams), []).append(run)
+    figures = sorted(map(median_figures, grouped.values()), key=lambda item: (item.streams, order[item.path]))
+    print(f"medians of {args.repeats} repeats, each path in turn")
     print(format_table(figures))
     by_key = {(item.path, item.streams): item for item in figures}
     for path, name in (("grpc", "gRPC"), ("openai", "HTTP")):
