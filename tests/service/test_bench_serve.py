@@ -19,8 +19,8 @@ TOKEN = "bench-token"
 
 def bench_serve(*arguments: str, token: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gptserve", "bench-serve", "--concurrency", "1", "2", "--repeats",
-                           "1", "--rounds", "1", "--max-new-tokens", "4", *arguments], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "GPTSERVE_AUTH_TOKEN": token})
+                           "1", "--rounds", "1", "--max-new-tokens", "4", *arguments], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "GPTSERVE_AUTH_TOKEN": token})
 
 
 def figures(path) -> dict[tuple[str, int], dict]:
