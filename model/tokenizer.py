@@ -228,6 +228,10 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self._token_or_none(self.eos_token_ids[0] if self.eos_token_ids else None)
 
+    def backend_json(self) -> str:
+        """The whole tokenizer as tokenizer.json spells it (what other libraries build their own view from)."""
+        return self._backend.to_str()
+
     def id_to_token(self, index: int) -> str | None:
         return self._backend.id_to_token(index)
 

@@ -4,13 +4,15 @@ stopping values are their dataclasses' own, and this module only maps their erro
 
 from __future__ import annotations
 
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from gptserve.model.generation import FinishReason, Sequence, StoppingParams, TokenEvent
+from gptserve.model.guidance import Constraint, ConstraintError, Grammar, GrammarCompiler
 from gptserve.model.sampling import MAX_TOP_LOGPROBS, ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from gptserve.service.errors import InvalidRequest, clip
@@ -57,8 +59,10 @@ def read_message(kind: type[M], data: bytes) -> M:
                              "string field that is not UTF-8)") from error
 
 
-def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
-    """Cheap checks first: the prompt is tokenized only once everything else is known to be good."""
+def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits,
+                           grammars: GrammarCompiler) -> GenerationRequest:
+    """Cheap checks first: the prompt is tokenized only once everything else is known to be good, and a
+    constraint is compiled last (a cache hit when the same constraint came before)."""
     if len(message.request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequest("request_id", f"{len(message.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
     n = message.n if message.HasField("n") else 1
@@ -71,11 +75,14 @@ def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, li
         raise InvalidRequest("top_logprobs", "needs return_logprobs")
     sampling = parse_sampling(message.sampling, limits)
     _check_ids("stopping.stop_token_ids", message.stopping.stop_token_ids, limits)
+    constraint = parse_constraint(message)
     prompt_ids, _ = parse_input(message, tokenizer, limits)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
         raise InvalidRequest("input", f"{len(prompt_ids)} prompt tokens; at most {limits.context_length - 1} fit in "
                              f"the context length {limits.context_length} with room for one new token")
+    if constraint is not None:
+        sampling = replace(sampling, grammar=compile_constraint(constraint, grammars))
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex[:16],
         prompt_ids=tuple(prompt_ids),
@@ -85,6 +92,30 @@ def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, li
         n=n,
         top_logprobs=message.top_logprobs,
     )
+
+
+def constraint_field(kind: str) -> str:
+    """The request field a constraint kind came in."""
+    return "choice.choices" if kind == "choice" else kind
+
+
+def parse_constraint(message: pb.GenerateRequest) -> Constraint | None:
+    kind = message.WhichOneof("constraint")
+    if kind is None:
+        return None
+    try:
+        if kind == "choice":
+            return Constraint(kind, json.dumps(list(message.choice.choices)))
+        return Constraint(kind, getattr(message, kind))
+    except ConstraintError as error:
+        raise InvalidRequest(constraint_field(kind), str(error)) from error
+
+
+def compile_constraint(constraint: Constraint, grammars: GrammarCompiler) -> Grammar:
+    try:
+        return grammars.compile(constraint)
+    except ConstraintError as error:
+        raise InvalidRequest(constraint_field(constraint.kind), f"cannot be compiled: {error}") from error
 
 
 def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tokenizer,

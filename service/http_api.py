@@ -58,6 +58,7 @@ UNION_MEMBER = re.compile(r"int|float|str|bool|(list|dict|tuple)\[.*\]|[A-Z]\w*"
 PROMPT_FIELD = re.compile(r"^(input|prompt_token_ids\.ids|prompt)(?=\[|$)")
 ROUTE_METHODS = {"/v1/chat/completions": "ChatCompletions", "/v1/completions": "Completions", "/v1/models": "Models",
                  "/tokenize": "Tokenize", "/detokenize": "Detokenize"}
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice.choices", "grammar")  # service/api.py's names
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 
 
@@ -114,7 +115,11 @@ def renamer(body: GenerationFields) -> Callable[[str], str]:
     length = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
     logprobs = "top_logprobs" if kind == "messages" else "logprobs"
 
+    constraint = body.constraint_field()
+
     def rename(field: str) -> str:
+        if constraint and field in CONSTRAINT_FIELDS:
+            return constraint
         field = re.sub(r"^(sampling|stopping)\.", "", field)
         field = re.sub(r"^messages\.messages", "messages", field)
         field = re.sub(r"^(input|prompt_token_ids\.ids)", kind, field)
@@ -277,7 +282,7 @@ class OpenAIFrontend:
                 message.request_id = call.request_id
                 try:
                     checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
-                                                           backend.limits))
+                                                           backend.limits, backend.grammars))
                 except InvalidRequest as error:  # of several prompts, say which
                     if len(messages) > 1 and PROMPT_FIELD.match(error.field):
                         raise InvalidRequest(PROMPT_FIELD.sub(f"prompt[{position}]", error.field),

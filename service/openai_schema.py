@@ -7,6 +7,7 @@ yet are refused by name rather than ignored; any other unknown field is ignored,
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
@@ -15,8 +16,7 @@ from gptserve.service.errors import InvalidRequest
 from gptserve.v1 import generation_pb2 as pb
 
 Number = StrictInt | StrictFloat
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "best_of", "suffix",
-               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "best_of", "suffix", "prompt_logprobs")
 
 
 class ContentPart(BaseModel):
@@ -49,6 +49,29 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    name: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(BaseModel):
+    type: StrictStr
+    json_schema: JsonSchemaFormat | None = None
+
+    def target(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match; None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise InvalidRequest("response_format.json_schema.schema", "missing; send the JSON schema")
+            return self.json_schema.schema_
+        raise InvalidRequest("response_format.type", f"{self.type[:32]!r}; allowed text, json_object, json_schema")
+
+
 class GenerationFields(BaseModel):
     """What chat and completions requests share."""
 
@@ -76,6 +99,41 @@ class GenerationFields(BaseModel):
     min_tokens: StrictInt | None = None
     include_stop_str_in_output: StrictBool = False
     return_token_ids: StrictBool = False
+    # Constraints: OpenAI's, and vLLM's under their names. At most one.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+
+    def constraint_field(self) -> str | None:
+        """The field this body's constraint came in, as the client spelled it (for errors)."""
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            return "response_format.json_schema.schema"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return next((name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                     if getattr(self, name) is not None), None)
+
+    def _constrain(self, request: pb.GenerateRequest) -> None:
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        schema = self.response_format.target() if self.response_format is not None else None
+        if schema is not None:
+            given.insert(0, "response_format")
+        if len(given) > 1:
+            raise InvalidRequest(given[1], f"one constraint per request, and {given[0]} is set too")
+        if schema is not None:
+            request.json_schema = json.dumps(schema)
+        elif self.guided_json is not None:
+            request.json_schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+        elif self.guided_regex is not None:
+            request.regex = self.guided_regex
+        elif self.guided_choice is not None:
+            request.choice.choices.extend(self.guided_choice)
+            request.choice.SetInParent()  # an empty list is still a (refused) constraint
+        elif self.guided_grammar is not None:
+            request.grammar = self.guided_grammar
 
     def _refuse_unsupported(self) -> None:
         """OpenAI fields that would change the output in ways this server does not offer: refused by name, never
@@ -106,6 +164,7 @@ class GenerationFields(BaseModel):
     def fill(self, request: pb.GenerateRequest) -> None:
         """Writes this body's settings into `request` (whose input is already set)."""
         self._refuse_unsupported()
+        self._constrain(request)
         sampling, stopping = request.sampling, request.stopping
         # OpenAI samples at temperature 1 unless told otherwise; gRPC is greedy unless told otherwise.
         self._number(sampling, "temperature", 1.0 if self.temperature is None else self.temperature,
