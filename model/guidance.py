@@ -57,9 +57,11 @@ class Constraint:
                 if not choices or not all(isinstance(choice, str) and choice for choice in choices):
                     raise ConstraintError("at least one choice, each a non-empty string")
             return llguidance.grammar_from(self.kind, self.text)  # type: ignore[arg-type]
-        except (json.JSONDecodeError, ValueError) as error:
-            if isinstance(error, ConstraintError):
-                raise
+        except json.JSONDecodeError as error:
+            raise ConstraintError(f"not valid JSON: {error}") from None
+        except ConstraintError:
+            raise
+        except ValueError as error:  # the library's own complaint (a GBNF grammar it cannot translate, ...)
             raise ConstraintError(_reason(str(error))) from None
 
 

@@ -126,7 +126,8 @@ class GenerationFields(BaseModel):
         if schema is not None:
             request.json_schema = json.dumps(schema)
         elif self.guided_json is not None:
-            request.json_schema = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            guided = self.guided_json
+            request.json_schema = guided if isinstance(guided, str) else json.dumps(guided)
         elif self.guided_regex is not None:
             request.regex = self.guided_regex
         elif self.guided_choice is not None:
