@@ -31,7 +31,7 @@ def writes_tool_calls(template: str | None) -> bool:
     return template is not None and OPEN in template
 
 
-def call_grammar(tools: dict[str, dict], parallel: bool) -> str:
+def call_grammar(tools: dict[str, dict | None], parallel: bool) -> str:
     """A Lark grammar (llguidance's, with JSON schemas inline) of one or more calls of these tools
     ({name: parameters schema}), each call's arguments valid against its function's schema."""
     call = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters or
