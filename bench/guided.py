@@ -2,7 +2,7 @@
 
 The engine's own batched prefill and decode steps, each row's Sequence.step as the scheduler calls it, so the
 figure is the model's step plus sampling plus (constrained) the grammar's mask and advance. The schema (an array of
-records, unbounded) never completes, so both runs decode exactly --new-tokens per sequence.
+records, at least 32 of them) does not complete, so both runs decode exactly --new-tokens per sequence.
 
     python -m gptserve.bench.guided --artifacts DIR [--provider cpu] [--new-tokens 128] [--rounds 3]
 """
@@ -24,7 +24,8 @@ from gptserve.service.engine import Engine
 
 SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "name": {"type": "string"}, "city": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
-    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}}}, "required": ["name", "age"]}}
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}}}, "required": ["name", "age"]},
+    "minItems": 32}
 
 
 def decode_rate(engine: Engine, sampling: SamplingParams, batch: int, new_tokens: int) -> tuple[float, float]:
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args(argv)
     engine = Engine.load(args.artifacts, provider=args.provider)
-    grammar = GrammarCompiler(engine.tokenizer, engine.vocab_size).compile(Constraint("json_schema", json.dumps(SCHEMA)))
+    compiler = GrammarCompiler(engine.tokenizer, engine.vocab_size)
+    grammar = compiler.compile(Constraint("json_schema", json.dumps(SCHEMA)))
     print("\n".join(machine_description(engine)))
     print(f"{args.new_tokens} new tokens per sequence, greedy, median of {args.rounds} rounds (runs alternate)")
     print(f"{'batch':>5}  {'free tok/s':>10}  {'json tok/s':>10}  {'slower':>7}  {'step share free/json':>21}")
