@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from gptserve.model.generation import Sequence, StoppingParams
+from gptserve.model.generation import FinishReason, Sequence, StoppingParams
 from gptserve.model.guidance import Constraint, GrammarCompiler
 from gptserve.model.sampling import SamplingParams
 from gptserve.service.bench import PROMPTS, machine_description
@@ -49,7 +49,7 @@ def decode_rate(engine: Engine, sampling: SamplingParams, batch: int, new_tokens
             sequence.step(logits[row])
         stepping += time.perf_counter() - before
     elapsed = time.perf_counter() - started
-    assert not any(sequence.finished and sequence.finish_reason.value != "length" for sequence in sequences)
+    assert all(sequence.finish_reason in (None, FinishReason.LENGTH) for sequence in sequences)  # all ran in full
     return batch * (new_tokens - 1) / elapsed, stepping / elapsed
 
 
