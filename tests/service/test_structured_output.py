@@ -95,13 +95,15 @@ def test_json_schemas_over_http(api, temperature):
         jsonschema.validate(json.loads(choice.message.content), SCHEMAS[name][1])
 
 
-def test_json_schemas_over_grpc(served, default_engine):
+@pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
+def test_json_schemas_over_grpc(served, default_engine, temperature):
     client = served[1]
 
     def run(name: str) -> pb.GenerateResponse:
         what, schema = SCHEMAS[name]
         request = pb.GenerateRequest(messages=pb.ChatMessages(messages=[pb.ChatMessage(**turn) for turn in _ask(what)]),
                                      stopping=pb.StoppingCriteria(max_new_tokens=MAX_TOKENS),
+                                     sampling=pb.SamplingParameters(temperature=temperature, seed=11),
                                      json_schema=json.dumps(schema))
         return client.stub.Generate(request, timeout=120)
     for name, reply in zip(SCHEMAS, _in_parallel(run, list(SCHEMAS))):
