@@ -94,6 +94,7 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.sampling, self.index)
+        self.guide = self.sampling.grammar.guide() if self.sampling.grammar else None
         self.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.stop_filter = StopStringFilter(self.stopping.stop, self.stopping.include_stop_str_in_output)
         self.token_ids: list[int] = []
@@ -102,16 +103,24 @@ class Sequence:
         self.eos_ids = set() if self.stopping.ignore_eos else set(self.tokenizer.eos_token_ids)
         self.stop_ids = set(self.stopping.stop_token_ids) - self.eos_ids
         self._ending_ids = tuple(sorted(self.eos_ids | self.stop_ids))  # banned until min_tokens
+        # A grammar may end on EOS; ignore_eos keeps it going instead, where the grammar lets it.
+        self._never = tuple(self.tokenizer.eos_token_ids) if self.guide and self.stopping.ignore_eos else ()
         # Prompt and output ids, for the repetition penalty; output counts for presence and frequency penalties.
         self._seen = np.array(self.prompt_ids, dtype=np.int64)
         self._counts: dict[int, int] = {}
 
     @property
     def stop_reason(self) -> str | int | None:
-        """What ended a STOP: the stop string matched, or the stop token id."""
+        """What ended a STOP: the stop string matched, or the stop token id; None for a completed grammar."""
         if self.finish_reason is not FinishReason.STOP:
             return None
-        return self.stop_filter.matched if self.stop_filter.matched is not None else self.token_ids[-1]
+        if self.stop_filter.matched is not None:
+            return self.stop_filter.matched
+        return None if self.grammar_complete else self.token_ids[-1]
+
+    @property
+    def grammar_complete(self) -> bool:
+        return self.guide is not None and self.guide.complete
 
     @property
     def finished(self) -> bool:
@@ -128,8 +137,10 @@ class Sequence:
     def step(self, logits: np.ndarray) -> TokenEvent:
         """Take the next token from its logits ([V], for the last position)."""
         assert not self.finished, "step() on a finished sequence"
-        banned = self._ending_ids if len(self.token_ids) < self.stopping.min_tokens else ()
-        token, logprob, alternatives = self.sampler(logits, self._seen, self._counts, banned, self.top_logprobs)
+        banned = (self._ending_ids if len(self.token_ids) < self.stopping.min_tokens else ()) + self._never
+        allowed = self.guide.allowed(len(logits)) if self.guide else None
+        token, logprob, alternatives = self.sampler(logits, self._seen, self._counts, banned, self.top_logprobs,
+                                                    allowed)
         self.token_ids.append(token)
         self.logprobs.append(logprob)
         self._seen = np.append(self._seen, token)
@@ -138,8 +149,13 @@ class Sequence:
             self.finish_reason = FinishReason.EOS if token in self.eos_ids else FinishReason.STOP
             text = self._release_rest()
         else:
+            if self.guide:
+                self.guide.advance(token)
             text, stopped = self.stop_filter.feed(self.detokenizer.push(token))
-            if not stopped and len(self.token_ids) >= self.stopping.max_new_tokens:
+            if not stopped and self.grammar_complete:  # nothing but the end may follow
+                self.finish_reason = FinishReason.STOP
+                text += self._release_rest()
+            elif not stopped and len(self.token_ids) >= self.stopping.max_new_tokens:
                 self.finish_reason = FinishReason.LENGTH
                 text += self._release_rest()
             elif stopped:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gptserve.model.guidance import Grammar
 
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
@@ -51,6 +55,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit); ids checked by the edge
+    grammar: Grammar | None = None  # the output must match it (model/guidance.py); compiled by the edge
 
     def __post_init__(self) -> None:
         # Each test is written so that NaN fails it too.
@@ -95,10 +100,11 @@ class Sampler:
         self._bias = np.array([bias for _, bias in params.logit_bias], dtype=np.float64)
 
     def adjust(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
-               banned: tuple[int, ...] = ()) -> np.ndarray:
+               banned: tuple[int, ...] = (), allowed: np.ndarray | None = None) -> np.ndarray:
         """The logits the choice is made from: repetition penalty (as in CTRL and transformers) over prompt and
-        output, presence and frequency penalties (as OpenAI) over the output, logit bias, and `banned` ids
-        (-inf). In float64: a float32 logit divided by the smallest allowed penalty (about 1e-45) stays finite."""
+        output, presence and frequency penalties (as OpenAI) over the output, logit bias, `banned` ids (-inf) and
+        ids outside `allowed` ([V] bool, a grammar's mask; -inf). In float64: a float32 logit divided by the
+        smallest allowed penalty (about 1e-45) stays finite."""
         logits = logits.astype(np.float64, copy=True)
         params = self.params
         if params.repetition_penalty != 1.0 and len(seen_ids):
@@ -113,6 +119,8 @@ class Sampler:
             logits[self._bias_ids] += self._bias
         if banned:
             logits[list(banned)] = -np.inf
+        if allowed is not None:
+            logits[~allowed] = -np.inf
         return logits
 
     def choose(self, logits: np.ndarray) -> int:
@@ -140,19 +148,22 @@ class Sampler:
         return int(self.rng.choice(len(probs), p=probs))
 
     def __call__(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
-                 banned: tuple[int, ...] = (), top: int = 0) -> tuple[int, float, tuple[tuple[int, float], ...]]:
-        """The next token, its log-probability under the adjusted (penalised, biased, untempered) distribution,
-        and the `top` most likely tokens with theirs."""
-        adjusted = self.adjust(logits, seen_ids, output_counts, banned)
+                 banned: tuple[int, ...] = (), top: int = 0,
+                 allowed: np.ndarray | None = None) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+        """The next token, its log-probability under the adjusted (penalised, biased, masked, untempered)
+        distribution, and the `top` most likely tokens with theirs."""
+        adjusted = self.adjust(logits, seen_ids, output_counts, banned, allowed)
         token = self.choose(adjusted)
         logprobs = log_softmax(adjusted)
         return token, float(logprobs[token]), top_logprobs(logprobs, top)
 
 
 def top_logprobs(logprobs: np.ndarray, top: int) -> tuple[tuple[int, float], ...]:
-    """The `top` most likely (token id, log-probability) pairs, most likely first."""
+    """The `top` most likely (token id, log-probability) pairs, most likely first; fewer where fewer tokens are
+    possible at all (a grammar's mask), since -inf has no JSON spelling."""
+    top = min(top, len(logprobs))
     if top <= 0:
         return ()
     best = np.argpartition(-logprobs, top - 1)[:top]
     best = best[np.argsort(-logprobs[best], kind="stable")]
-    return tuple((int(token), float(logprobs[token])) for token in best)
+    return tuple((int(token), float(logprobs[token])) for token in best if logprobs[token] > -np.inf)

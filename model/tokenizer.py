@@ -228,6 +228,10 @@ class Tokenizer:
     def eos_token(self) -> str | None:
         return self._token_or_none(self.eos_token_ids[0] if self.eos_token_ids else None)
 
+    def backend_json(self) -> str:
+        """The whole tokenizer as tokenizer.json spells it (what other libraries build their own view from)."""
+        return self._backend.to_str()
+
     def id_to_token(self, index: int) -> str | None:
         return self._backend.id_to_token(index)
 
@@ -242,8 +246,10 @@ class Tokenizer:
 
     # Chat -----------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt for `messages`, rendered as transformers' `apply_chat_template(..., tokenize=False)` does."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt for `messages`, rendered as transformers' `apply_chat_template(..., tokenize=False)` does;
+        `tools` as transformers passes them ({"type": "function", "function": {name, description, parameters}})."""
         if self.chat_template is None:
             raise TokenizerError("this tokenizer has no chat template; send a plain prompt instead of messages")
         if self._compiled_template is None:
@@ -253,7 +259,7 @@ class Tokenizer:
             return self._compiled_template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
@@ -261,11 +267,12 @@ class Tokenizer:
         except jinja2.TemplateError as error:
             raise TokenizerError(f"chat template: {error}") from error
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> tuple[list[int], str]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> tuple[list[int], str]:
         """The prompt for `messages` and its token ids, in which control tokens come from the template only:
         special-token text inside a message's content is encoded as text, so no message can write a turn of its
         own. A chat without such text gets exactly the ids of encoding the whole prompt."""
-        text, contents = self._render_with_content_spans(messages, add_generation_prompt)
+        text, contents = self._render_with_content_spans(messages, add_generation_prompt, tools)
         encoding = self._encode(text, add_special_tokens=False, parse_special_tokens=True)
         if not any(self.is_special(index) and _overlaps(offsets, contents)
                    for index, offsets in zip(encoding.ids, encoding.offsets)):
@@ -287,15 +294,16 @@ class Tokenizer:
             ids += self._encode(text[position:], False, False).ids
         return ids, text
 
-    def _render_with_content_spans(self, messages: list[dict], add_generation_prompt: bool):
+    def _render_with_content_spans(self, messages: list[dict], add_generation_prompt: bool,
+                                   tools: list[dict] | None):
         """The rendered chat, and where each message's content lies in it: found by rendering the chat again
         with a unique marker in place of each content. A template that changes content (other than trimming it)
         is refused, since its prompt could not be split into the template's text and the messages'."""
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         marker = f"\ue000{secrets.token_hex(8)}:"
         marked_messages = [{**message, "content": f"{marker}{index}\ue001"} for index, message in enumerate(messages)]
         try:
-            marked = self.apply_chat_template(marked_messages, add_generation_prompt)
+            marked = self.apply_chat_template(marked_messages, add_generation_prompt, tools)
         except TokenizerError:  # a template that inspects content may refuse the markers
             marked = ""
         pieces = re.split(f"{re.escape(marker)}(\\d+)\ue001", marked)

@@ -4,13 +4,15 @@ stopping values are their dataclasses' own, and this module only maps their erro
 
 from __future__ import annotations
 
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
 from gptserve.model.generation import FinishReason, Sequence, StoppingParams, TokenEvent
+from gptserve.model.guidance import Constraint, ConstraintError, Grammar, GrammarCompiler
 from gptserve.model.sampling import MAX_TOP_LOGPROBS, ParameterError, SamplingParams
 from gptserve.model.tokenizer import CHAT_ROLES, Tokenizer, TokenizerError
 from gptserve.service.errors import InvalidRequest, clip
@@ -57,8 +59,10 @@ def read_message(kind: type[M], data: bytes) -> M:
                              "string field that is not UTF-8)") from error
 
 
-def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
-    """Cheap checks first: the prompt is tokenized only once everything else is known to be good."""
+def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limits,
+                           grammars: GrammarCompiler) -> GenerationRequest:
+    """Cheap checks first: the prompt is tokenized only once everything else is known to be good, and a
+    constraint is compiled last (a cache hit when the same constraint came before)."""
     if len(message.request_id) > MAX_REQUEST_ID_LENGTH:
         raise InvalidRequest("request_id", f"{len(message.request_id)} characters; at most {MAX_REQUEST_ID_LENGTH}")
     n = message.n if message.HasField("n") else 1
@@ -71,11 +75,14 @@ def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, li
         raise InvalidRequest("top_logprobs", "needs return_logprobs")
     sampling = parse_sampling(message.sampling, limits)
     _check_ids("stopping.stop_token_ids", message.stopping.stop_token_ids, limits)
+    constraint = parse_constraint(message)
     prompt_ids, _ = parse_input(message, tokenizer, limits)
     room = limits.context_length - len(prompt_ids)
     if room < 1:
         raise InvalidRequest("input", f"{len(prompt_ids)} prompt tokens; at most {limits.context_length - 1} fit in "
                              f"the context length {limits.context_length} with room for one new token")
+    if constraint is not None:
+        sampling = replace(sampling, grammar=compile_constraint(constraint, grammars))
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex[:16],
         prompt_ids=tuple(prompt_ids),
@@ -85,6 +92,30 @@ def parse_generate_request(message: pb.GenerateRequest, tokenizer: Tokenizer, li
         n=n,
         top_logprobs=message.top_logprobs,
     )
+
+
+def constraint_field(kind: str) -> str:
+    """The request field a constraint kind came in."""
+    return "choice.choices" if kind == "choice" else kind
+
+
+def parse_constraint(message: pb.GenerateRequest) -> Constraint | None:
+    kind = message.WhichOneof("constraint")
+    if kind is None:
+        return None
+    try:
+        if kind == "choice":
+            return Constraint(kind, json.dumps(list(message.choice.choices)))
+        return Constraint(kind, getattr(message, kind))
+    except ConstraintError as error:
+        raise InvalidRequest(constraint_field(kind), str(error)) from error
+
+
+def compile_constraint(constraint: Constraint, grammars: GrammarCompiler) -> Grammar:
+    try:
+        return grammars.compile(constraint)
+    except ConstraintError as error:
+        raise InvalidRequest(constraint_field(constraint.kind), f"cannot be compiled: {error}") from error
 
 
 def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tokenizer,
@@ -103,7 +134,7 @@ def parse_input(message: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Tok
         _check_fits("prompt", len(message.prompt), limits)
         return tokenizer.encode(message.prompt, parse_special_tokens=message.parse_special_tokens), message.prompt
     if kind == "messages":
-        return encode_chat(message.messages.messages, tokenizer, limits)
+        return encode_chat(message.messages, tokenizer, limits)
     assert isinstance(message, pb.GenerateRequest)  # a TokenizeRequest's input is a prompt or messages only
     ids = list(message.prompt_token_ids.ids)
     if not ids:
@@ -119,8 +150,9 @@ def _check_ids(field: str, ids, limits: Limits) -> None:
                                  f"{limits.vocab_size - 1}")
 
 
-def encode_chat(messages, tokenizer: Tokenizer, limits: Limits) -> tuple[list[int], str]:
+def encode_chat(chat: pb.ChatMessages, tokenizer: Tokenizer, limits: Limits) -> tuple[list[int], str]:
     """The chat's token ids (control tokens from the template only) and the prompt the template rendered."""
+    messages = chat.messages
     if not messages:
         raise InvalidRequest("messages.messages", "empty; send at least one message")
     for index, chat_message in enumerate(messages):
@@ -129,10 +161,48 @@ def encode_chat(messages, tokenizer: Tokenizer, limits: Limits) -> tuple[list[in
                                  f"role; allowed {', '.join(CHAT_ROLES)}")
     # The template only adds text around the contents, so their length alone can already be too much.
     _check_fits("messages", sum(len(chat_message.content) for chat_message in messages), limits)
+    turns = [_turn(item, index) for index, item in enumerate(messages)]
+    tools = [_tool(tool, index) for index, tool in enumerate(chat.tools)]
     try:
-        return tokenizer.encode_chat([{"role": item.role, "content": item.content} for item in messages])
+        ids, text = tokenizer.encode_chat(turns, tools=tools)
     except TokenizerError as error:  # no template, a template that refuses this chat, or one that rewrites content
         raise InvalidRequest("messages", str(error)) from error
+    # A template that ignores `tools` would let the model answer as if it had none.
+    if tools and tokenizer.apply_chat_template(turns) == text:
+        raise InvalidRequest("messages.tools", "this model's chat template does not render tools; send them "
+                             "without tools, or serve a model whose template does (Qwen2.5, Qwen3, Llama 3.1)")
+    return ids, text
+
+
+def _json_object(field: str, text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidRequest(field, f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(field, "a JSON object")
+    return value
+
+
+def _turn(message: pb.ChatMessage, index: int) -> dict:
+    """A message as chat templates read it (transformers' shape)."""
+    turn: dict = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        turn["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+            "name": call.name, "arguments": _json_object(f"messages.messages[{index}].tool_calls[{number}].arguments",
+                                                         call.arguments or "{}")}}
+            for number, call in enumerate(message.tool_calls)]
+    if message.tool_call_id:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _tool(tool: pb.Tool, index: int) -> dict:
+    if not tool.name:
+        raise InvalidRequest(f"messages.tools[{index}].name", "empty; name the function")
+    function: dict = {"name": tool.name, "description": tool.description,
+                      "parameters": _json_object(f"messages.tools[{index}].parameters", tool.parameters or "{}")}
+    return {"type": "function", "function": function}
 
 
 def _check_fits(field: str, characters: int, limits: Limits) -> None:

@@ -41,6 +41,7 @@ from gptserve.service.openai_schema import (
     chat_messages,
 )
 from gptserve.service.scheduler import RequestHandle, merge_updates
+from gptserve.service.tools import ToolCallStream, parse_tool_calls, writes_tool_calls
 from gptserve.v1 import generation_pb2 as pb
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ UNION_MEMBER = re.compile(r"int|float|str|bool|(list|dict|tuple)\[.*\]|[A-Z]\w*"
 PROMPT_FIELD = re.compile(r"^(input|prompt_token_ids\.ids|prompt)(?=\[|$)")
 ROUTE_METHODS = {"/v1/chat/completions": "ChatCompletions", "/v1/completions": "Completions", "/v1/models": "Models",
                  "/tokenize": "Tokenize", "/detokenize": "Detokenize"}
+CONSTRAINT_FIELDS = ("json_schema", "regex", "choice.choices", "grammar")  # service/api.py's names
 FINISH_REASONS = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
 
 
@@ -114,9 +116,14 @@ def renamer(body: GenerationFields) -> Callable[[str], str]:
     length = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
     logprobs = "top_logprobs" if kind == "messages" else "logprobs"
 
+    constraint = body.constraint_field()
+
     def rename(field: str) -> str:
+        if constraint and field in CONSTRAINT_FIELDS:
+            return constraint
         field = re.sub(r"^(sampling|stopping)\.", "", field)
         field = re.sub(r"^messages\.messages", "messages", field)
+        field = re.sub(r"^messages\.tools", "tools", field)
         field = re.sub(r"^(input|prompt_token_ids\.ids)", kind, field)
         return {"max_new_tokens": length, "top_logprobs": logprobs}.get(field, field)
     return rename
@@ -255,7 +262,7 @@ class OpenAIFrontend:
 
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
         return await self._generate(request, body, "ChatCompletions",
-                                    lambda: [pb.GenerateRequest(messages=chat_messages(body.messages))])
+                                    lambda: [pb.GenerateRequest(messages=chat_messages(body.messages, body.tools))])
 
     async def completions(self, request: Request, body: CompletionRequest) -> Response:
         return await self._generate(request, body, "Completions", lambda: [
@@ -270,6 +277,10 @@ class OpenAIFrontend:
         try:
             self._check_token(request)
             backend = self._backend(body.model)
+            if isinstance(body, ChatCompletionRequest) and body.tool_names() and \
+                    not writes_tool_calls(backend.engine.tokenizer.chat_template):
+                raise InvalidRequest("tools", "this model's chat template does not ask for tool calls in <tool_call> "
+                                     "blocks (as Qwen2.5, Qwen3 and Hermes do), the form this server parses")
             checked = []
             messages = inputs()
             for position, message in enumerate(messages):
@@ -277,7 +288,7 @@ class OpenAIFrontend:
                 message.request_id = call.request_id
                 try:
                     checked.append(await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
-                                                           backend.limits))
+                                                           backend.limits, backend.grammars))
                 except InvalidRequest as error:  # of several prompts, say which
                     if len(messages) > 1 and PROMPT_FIELD.match(error.field):
                         raise InvalidRequest(PROMPT_FIELD.sub(f"prompt[{position}]", error.field),
@@ -412,6 +423,7 @@ class Reply:
         self.body, self.requests, self.leaders, self.model = body, requests, leaders, model
         self.tokenizer = backend.engine.tokenizer
         self.chat = isinstance(body, ChatCompletionRequest)
+        self.tool_names = body.tool_names() if isinstance(body, ChatCompletionRequest) else set()
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + requests[0].request_id
         self.created = int(time.time())
         self.n = requests[0].n
@@ -443,6 +455,10 @@ class Reply:
         sequence = handle.sequence
         assert sequence.finish_reason is not None  # asked of finished sequences only
         return {"finish_reason": FINISH_REASONS[sequence.finish_reason], "stop_reason": sequence.stop_reason}
+
+    def _call_finish(self, handle: RequestHandle) -> str:
+        """A reply that calls tools ends with `tool_calls`, unless it ran out of tokens."""
+        return "length" if handle.sequence.finish_reason is FinishReason.LENGTH else "tool_calls"
 
     def _logprobs(self, events: list[TokenEvent], offset: int) -> dict | None:
         """The choice's logprobs object for these tokens, as the chat or the completions API shapes it."""
@@ -481,9 +497,17 @@ class Reply:
             echo = self._echo(handle)
             text = echo + handle.sequence.text
             choice: dict[str, Any] = {"index": self.index[handle]}
-            choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
+            ending = self._ending(handle)
+            if self.chat and self.tool_names:
+                content, calls = parse_tool_calls(text, self.tool_names)
+                choice["message"] = {"role": "assistant", "content": content}
+                if calls:
+                    choice["message"]["tool_calls"] = [call.to_json() for call in calls]
+                    ending["finish_reason"] = self._call_finish(handle)
+            else:
+                choice.update({"message": {"role": "assistant", "content": text}} if self.chat else {"text": text})
             choice["logprobs"] = self._logprobs(events[handle], len(echo))
-            choice.update(self._ending(handle), **self._extras(handle, events[handle]))
+            choice.update(ending, **self._extras(handle, events[handle]))
             choices.append(choice)
         return {**self._head(), "choices": choices, "usage": self.usage()}
 
@@ -502,14 +526,26 @@ class Reply:
                     offsets[handle] = len(echo)
                     yield {**head, "choices": [{"index": self.index[handle], "text": echo, "logprobs": None,
                                                 "finish_reason": None}], **usage_field}
+        calls = {handle: ToolCallStream(self.tool_names) for handle in self.handles} if self.tool_names else {}
         async for handle, events, done in merge_updates(self.handles):
             text = "".join(event.text for event in events)
             choice: dict[str, Any] = {"index": self.index[handle]}
-            choice.update({"delta": {"content": text} if text or not done else {}} if self.chat else {"text": text})
+            ending = self._ending(handle) if done else {"finish_reason": None}
+            if handle in calls:  # content up to the first call streams; the calls come whole, at the end
+                delta: dict[str, Any] = {"content": calls[handle].feed(text)}
+                if done:
+                    rest, found = calls[handle].finish()
+                    delta["content"] += rest or ""
+                    if found:
+                        delta["tool_calls"] = [call.to_json(index) for index, call in enumerate(found)]
+                        ending["finish_reason"] = self._call_finish(handle)
+                choice["delta"] = delta
+            else:
+                choice.update({"delta": {"content": text} if text or not done else {}} if self.chat
+                              else {"text": text})
             choice["logprobs"] = self._logprobs(events, offsets[handle])
             offsets[handle] += len(text)
-            choice.update(self._ending(handle) if done else {"finish_reason": None},
-                          **self._extras(handle, events))
+            choice.update(ending, **self._extras(handle, events))
             if events or done:
                 yield {**head, "choices": [choice], **usage_field}
         if include_usage:

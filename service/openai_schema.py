@@ -7,16 +7,17 @@ yet are refused by name rather than ignored; any other unknown field is ignored,
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from gptserve.service.errors import InvalidRequest
+from gptserve.service.tools import call_grammar
 from gptserve.v1 import generation_pb2 as pb
 
 Number = StrictInt | StrictFloat
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "best_of", "suffix",
-               "prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
+UNSUPPORTED = ("functions", "function_call", "best_of", "suffix", "prompt_logprobs")
 
 
 class ContentPart(BaseModel):
@@ -24,10 +25,23 @@ class ContentPart(BaseModel):
     text: StrictStr | None = None
 
 
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr  # a JSON object, as text
+
+
+class ToolCallMessage(BaseModel):
+    id: StrictStr = ""
+    type: StrictStr = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: StrictStr
     content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: StrictStr | None = None
 
     def text(self, index: int) -> str:
         """The content as one string: text parts joined by newlines."""
@@ -40,13 +54,63 @@ class ChatMessage(BaseModel):
         return "\n".join(part.text or "" for part in self.content)
 
 
-def chat_messages(messages: list[ChatMessage]) -> pb.ChatMessages:
-    return pb.ChatMessages(messages=[pb.ChatMessage(role=item.role, content=item.text(index))
-                                     for index, item in enumerate(messages)])
+class Function(BaseModel):
+    name: StrictStr
+    description: StrictStr = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    type: StrictStr = "function"
+    function: Function
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: StrictStr = "function"
+    function: NamedFunction
+
+
+def chat_messages(messages: list[ChatMessage], tools: list[Tool] | None = None) -> pb.ChatMessages:
+    return pb.ChatMessages(
+        messages=[pb.ChatMessage(role=item.role, content=item.text(index), tool_call_id=item.tool_call_id or "",
+                                 tool_calls=[pb.ToolCall(id=call.id, name=call.function.name,
+                                                         arguments=call.function.arguments)
+                                             for call in item.tool_calls or []])
+                  for index, item in enumerate(messages)],
+        tools=[pb.Tool(name=tool.function.name, description=tool.function.description,
+                       parameters=json.dumps(tool.function.parameters) if tool.function.parameters else "")
+               for tool in tools or []])
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    name: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(BaseModel):
+    type: StrictStr
+    json_schema: JsonSchemaFormat | None = None
+
+    def target(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match; None for free text."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise InvalidRequest("response_format.json_schema.schema", "missing; send the JSON schema")
+            return self.json_schema.schema_
+        raise InvalidRequest("response_format.type", f"{self.type[:32]!r}; allowed text, json_object, json_schema")
 
 
 class GenerationFields(BaseModel):
@@ -76,6 +140,53 @@ class GenerationFields(BaseModel):
     min_tokens: StrictInt | None = None
     include_stop_str_in_output: StrictBool = False
     return_token_ids: StrictBool = False
+    # Constraints: OpenAI's, and vLLM's under their names. At most one.
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+
+    def constraint_field(self) -> str | None:
+        """The field this body's constraint came in, as the client spelled it (for errors)."""
+        if getattr(self, "tools", None) and getattr(self, "tool_choice", None) not in (None, "auto", "none"):
+            return "tools"  # the calls' grammar is built from the tools' schemas
+        if self.response_format is not None and self.response_format.type == "json_schema":
+            return "response_format.json_schema.schema"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return next((name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                     if getattr(self, name) is not None), None)
+
+    def forced_calls(self) -> str | None:
+        """The grammar of the tool calls this request forces, if it does (chat's tool_choice)."""
+        return None
+
+    def _constrain(self, request: pb.GenerateRequest) -> None:
+        given = [name for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                 if getattr(self, name) is not None]
+        schema = self.response_format.target() if self.response_format is not None else None
+        if schema is not None:
+            given.insert(0, "response_format")
+        calls = self.forced_calls()
+        if calls is not None:
+            given.insert(0, "tool_choice")
+        if len(given) > 1:
+            raise InvalidRequest(given[1], f"one constraint per request, and {given[0]} is set too")
+        if calls is not None:
+            request.grammar = calls
+        elif schema is not None:
+            request.json_schema = json.dumps(schema)
+        elif self.guided_json is not None:
+            guided = self.guided_json
+            request.json_schema = guided if isinstance(guided, str) else json.dumps(guided)
+        elif self.guided_regex is not None:
+            request.regex = self.guided_regex
+        elif self.guided_choice is not None:
+            request.choice.choices.extend(self.guided_choice)
+            request.choice.SetInParent()  # an empty list is still a (refused) constraint
+        elif self.guided_grammar is not None:
+            request.grammar = self.guided_grammar
 
     def _refuse_unsupported(self) -> None:
         """OpenAI fields that would change the output in ways this server does not offer: refused by name, never
@@ -106,6 +217,7 @@ class GenerationFields(BaseModel):
     def fill(self, request: pb.GenerateRequest) -> None:
         """Writes this body's settings into `request` (whose input is already set)."""
         self._refuse_unsupported()
+        self._constrain(request)
         sampling, stopping = request.sampling, request.stopping
         # OpenAI samples at temperature 1 unless told otherwise; gRPC is greedy unless told otherwise.
         self._number(sampling, "temperature", 1.0 if self.temperature is None else self.temperature,
@@ -137,6 +249,34 @@ class ChatCompletionRequest(GenerationFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    tools: list[Tool] | None = None
+    tool_choice: StrictStr | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+
+    def tool_names(self) -> set[str]:
+        """The functions whose calls the reply may hold (none when tool_choice is "none")."""
+        if not self.tools or self.tool_choice == "none":
+            return set()
+        return {tool.function.name for tool in self.tools}
+
+    def forced_calls(self) -> str | None:
+        choice = self.tool_choice
+        if choice is not None and not self.tools:
+            raise InvalidRequest("tool_choice", "needs tools")
+        for index, tool in enumerate(self.tools or []):
+            if tool.type != "function":
+                raise InvalidRequest(f"tools[{index}].type", f"{tool.type[:32]!r}; allowed function")
+        if choice is None or choice in ("auto", "none"):
+            return None
+        tools = {tool.function.name: tool.function.parameters for tool in self.tools or []}
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in tools:
+                raise InvalidRequest("tool_choice.function.name", f"{choice.function.name[:32]!r} is not one of "
+                                     "the tools")
+            return call_grammar({choice.function.name: tools[choice.function.name]}, parallel=False)
+        if choice != "required":
+            raise InvalidRequest("tool_choice", f"{choice[:32]!r}; allowed none, auto, required, or a function")
+        return call_grammar(tools, self.parallel_tool_calls)
 
     def length(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

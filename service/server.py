@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from gptserve.export.artifact import format_report
 from gptserve.export.manifest import Manifest
 from gptserve.model.generation import TokenEvent
+from gptserve.model.guidance import GrammarCompiler
 from gptserve.service.api import (
     FINISH_REASONS,
     MAX_REQUEST_ID_LENGTH,
@@ -127,6 +128,7 @@ class Backend:
     engine: ServedEngine
     scheduler: Scheduler
     limits: Limits
+    grammars: GrammarCompiler  # the requests' constraints, compiled for this model's tokenizer
 
 
 @dataclass
@@ -245,7 +247,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         if not message.request_id and call.request_id:
             message.request_id = call.request_id[:MAX_REQUEST_ID_LENGTH]
         call.request = await asyncio.to_thread(parse_generate_request, message, backend.engine.tokenizer,
-                                               backend.limits)
+                                               backend.limits, backend.grammars)
         return call.request
 
     async def Generate(self, data: bytes, context) -> pb.GenerateResponse:
@@ -477,7 +479,7 @@ class GenerationServer:
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
                         config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters,
                         max_n=config.max_batch_size)
-        self.servicer.backend = Backend(engine, scheduler, limits)
+        self.servicer.backend = Backend(engine, scheduler, limits, GrammarCompiler(engine.tokenizer, engine.vocab_size))
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.serving = True

@@ -107,3 +107,47 @@ def save_family_folder(kind: str, folder: Path, tokenizer_source: Path):
     model.save_pretrained(folder)
     tokenizer.save(folder)
     return model
+
+
+# A chat template that offers tools in the form Qwen2.5, Qwen3 and Hermes models are taught (<tools> in the system
+# turn, <tool_call> blocks in the reply, <tool_response> turns), written for these tests.
+TOOL_TEMPLATE = """\
+{%- set system = messages[0].content if messages[0].role == 'system' else '' %}
+{%- if tools %}<|im_start|>system
+{% if system %}{{ system }}
+
+{% endif %}You may call functions. Their signatures:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Write each call inside <tool_call></tool_call> as {"name": <name>, "arguments": <object>}.<|im_end|>
+{% elif system %}<|im_start|>system
+{{ system }}<|im_end|>
+{% endif %}
+{%- for message in messages if message.role != 'system' %}
+{%- if message.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}{% for call in message.tool_calls or [] %}<tool_call>
+{"name": {{ call.function.name | tojson }}, "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def save_tool_folder(folder: Path, tokenizer_source: Path):
+    """The tiny Llama with TOOL_TEMPLATE as its chat template, and room for the tools' prompt (rotary positions are
+    computed, not stored, so the context stretches); returns the model."""
+    from gptserve.model.tokenizer import Tokenizer
+
+    model = build_reference("llama")
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(folder)
+    tokenizer = Tokenizer.from_gguf(tokenizer_source)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    tokenizer.save(folder)
+    return model

@@ -474,7 +474,7 @@ BAD_FIELDS = [
     (CHAT, {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": IMAGE}]},
      "messages[1].content[0]"),
     (CHAT, {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    (CHAT, {"response_format": {"type": "yaml"}}, "response_format.type"),
     (COMPLETIONS, {"prompt": []}, "prompt"),
     (COMPLETIONS, {"prompt": [49152]}, "prompt[0]"),
     (COMPLETIONS, {"prompt": [[1, 2], [3, 49152]]}, "prompt[1][1]"),  # the second prompt's second id
