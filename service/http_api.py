@@ -566,7 +566,7 @@ def start_http(frontend: OpenAIFrontend, host: str, port: int, tls: tuple[Path, 
         listener = bind(host, port)
     except OSError as error:
         raise ConfigError("http_port", f"cannot listen on {host}:{port}: {error.strerror}") from error
-    config = uvicorn.Config(frontend.app, lifespan="off", log_config=None, access_log=False,
+    config = uvicorn.Config(frontend.app, lifespan="off", log_config=None, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=1, ssl_certfile=tls[0] if tls else None,
                             ssl_keyfile=tls[1] if tls else None)
     server = HttpServer(config)
