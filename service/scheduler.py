@@ -391,8 +391,8 @@ class Scheduler:
         self._admitted.update(member for handle in admit for member in handle.group)
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
         reuse = []  # an admitted prompt with a cached prefix is read from the prefix's end, as a begun one
-        for handle in admit if self.prefix_cache is not None else ():
-            if blocks := self.prefix_cache.match(handle.request.prompt_ids):
+        for handle in admit:
+            if self.prefix_cache is not None and (blocks := self.prefix_cache.match(handle.request.prompt_ids)):
                 reuse.append((handle, tuple(blocks)))
                 progress[handle] = len(blocks) * self.prefix_cache.block_tokens
         prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())

@@ -12,6 +12,7 @@ import pytest
 
 from gptserve.export.parity import CANARY_TEXT
 from gptserve.service.bench import free_port
+from gptserve.service.client import build_request
 from gptserve.service.prefix_cache import BLOCK_TOKENS, PrefixCache
 from tests.service.support import running_server, solo_greedy
 
@@ -20,7 +21,11 @@ NEW_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def text_ids(default_engine) -> list[int]:
-    return default_engine.tokenizer.encode(CANARY_TEXT.read_text())
+    """About 1500 tokens: the canary text's words in a seeded order (the text itself is 300 tokens)."""
+    words = np.random.default_rng(0).choice(CANARY_TEXT.read_text().split(), 1400)
+    ids = default_engine.tokenizer.encode(" ".join(words))
+    assert len(ids) >= 1200
+    return ids
 
 
 def cacheable(prompt: list[int]) -> int:
@@ -29,8 +34,10 @@ def cacheable(prompt: list[int]) -> int:
 
 
 def greedy(client, prompt: list[int], n: int = 1):
-    response = client.generate(prompt_token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, n=n)
-    return [list(choice.token_ids) for choice in response.choices], response.usage
+    request = build_request(prompt_token_ids=prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    request.n = n
+    response = client.stub.Generate(request, timeout=120)
+    return [[token.id for token in choice.tokens] for choice in response.choices], response.usage
 
 
 def test_blocks_are_copies_that_later_writes_never_reach(tiny_engine):
