@@ -72,24 +72,25 @@ class PrefixCache:
             buffer[:, 0, :, index * self.block_tokens:(index + 1) * self.block_tokens] = block.kv
         return KVCache(list(buffer), [len(blocks) * self.block_tokens])  # each layer a contiguous (1, KV, C, D)
 
-    def insert(self, prompt: Sequence[int], cache: KVCache, row: int) -> None:
-        """Keeps the full blocks of a prompt just read (row `row` of `cache`) that are not cached yet, then evicts
-        the least recently used blocks past the budget."""
-        chain: list[Block] = []
-        host: list[np.ndarray] | None = None
-        parent, size = 0, self.block_tokens
-        for start in range(0, len(prompt) // size * size, size):
-            key = (parent, tuple(prompt[start:start + size]))
-            block = self._blocks.get(key)
-            if block is None:
-                host = host or [on_host(tensor) for tensor in cache.buffers]
-                block = Block(key, next(self._serials),
-                              np.stack([tensor[row, :, start:start + size] for tensor in host]))  # a copy
-                self._blocks[key] = block
-                self.nbytes += block.kv.nbytes
-            chain.append(block)
-            parent = block.serial
-        self._touch(chain)
+    def insert(self, prompts: list[Sequence[int]], cache: KVCache) -> None:
+        """Keeps the full blocks of prompts just read (row b of `cache` holds prompts[b]) that are not cached yet,
+        then evicts the least recently used blocks past the budget."""
+        host: list[np.ndarray] | None = None  # device buffers are copied to the host once, and only for a miss
+        for row, prompt in enumerate(prompts):
+            chain: list[Block] = []
+            parent, size = 0, self.block_tokens
+            for start in range(0, len(prompt) // size * size, size):
+                key = (parent, tuple(prompt[start:start + size]))
+                block = self._blocks.get(key)
+                if block is None:
+                    host = host or [on_host(tensor) for tensor in cache.buffers]
+                    block = Block(key, next(self._serials),
+                                  np.stack([tensor[row, :, start:start + size] for tensor in host]))  # a copy
+                    self._blocks[key] = block
+                    self.nbytes += block.kv.nbytes
+                chain.append(block)
+                parent = block.serial
+            self._touch(chain)
         while self.nbytes > self.budget_bytes and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.nbytes -= evicted.kv.nbytes

@@ -483,10 +483,10 @@ class Scheduler:
                 cache.reserve(len(request.prompt_ids) + request.stopping.max_new_tokens)
             self._prefilling[handles[0]] = cache
             return
-        for row, handle in enumerate(handles):
+        for handle in handles:
             del self._prefilling[handle]
-            if self.prefix_cache is not None:  # before the decode steps append to the cache in place
-                self.prefix_cache.insert(handle.request.prompt_ids, cache, row)
+        if self.prefix_cache is not None:  # before the decode steps append to the cache in place
+            self.prefix_cache.insert([handle.request.prompt_ids for handle in handles], cache)
         # Each prompt's row serves every live sequence of its request: their first tokens come from its logits.
         rows, members = [], []
         for row, handle in enumerate(handles):

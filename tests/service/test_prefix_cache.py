@@ -45,7 +45,7 @@ def test_blocks_are_copies_that_later_writes_never_reach(tiny_engine):
     prompt = list(range(5, 5 + 3 * BLOCK_TOKENS + 5))
     _, read = tiny_engine.prefill([prompt])
     prefix = PrefixCache(1 << 30)
-    prefix.insert(prompt, read, 0)
+    prefix.insert([prompt], read)
     assert prefix.tokens == 3 * BLOCK_TOKENS
     expected = [np.array(tensor[:, :, :3 * BLOCK_TOKENS]) for tensor in read.buffers]
 
@@ -65,19 +65,34 @@ def test_blocks_are_copies_that_later_writes_never_reach(tiny_engine):
         assert np.array_equal(tensor[:, :, :3 * BLOCK_TOKENS], reference)
 
 
+def test_a_batch_of_prompts_fills_each_row_s_blocks(tiny_engine):
+    short, long = list(range(30, 30 + BLOCK_TOKENS + 2)), list(range(90, 90 + 2 * BLOCK_TOKENS + 3))
+    _, read = tiny_engine.prefill([short, long])  # ragged: each row's positions first
+    prefix = PrefixCache(1 << 30)
+    prefix.insert([short, long], read)
+    assert prefix.tokens == 3 * BLOCK_TOKENS
+    for row, prompt in enumerate((short, long)):
+        cached = prefix.cache_of(prefix.match(prompt), len(prompt))
+        positions = int(cached.lengths[0])
+        assert positions == (len(prompt) - 1) // BLOCK_TOKENS * BLOCK_TOKENS
+        for tensor, reference in zip(cached.buffers, read.buffers):
+            assert np.array_equal(tensor[0, :, :positions], reference[row, :, :positions])
+
+
 def test_the_least_recently_used_blocks_go_first_and_the_budget_holds(tiny_engine):
     first, second = list(range(10, 10 + 2 * BLOCK_TOKENS + 1)), list(range(200, 200 + 2 * BLOCK_TOKENS + 1))
     _, read_first = tiny_engine.prefill([first])
     _, read_second = tiny_engine.prefill([second])
     probe = PrefixCache(1 << 30)
-    probe.insert(first, read_first, 0)
+    probe.insert([first], read_first)
     block_bytes = probe.nbytes // 2
     prefix = PrefixCache(3 * block_bytes)
-    prefix.insert(first, read_first, 0)
-    prefix.insert(second, read_second, 0)  # 4 blocks over a budget of 3: the first prompt's last block goes
+    prefix.insert([first], read_first)
+    prefix.insert([second], read_second)  # 4 blocks over a budget of 3: the first prompt's last block goes
     assert prefix.nbytes == 3 * block_bytes and prefix.tokens == 3 * BLOCK_TOKENS
     assert (len(prefix.match(first)), len(prefix.match(second))) == (1, 2)
-    prefix.insert(list(range(400, 400 + BLOCK_TOKENS + 1)), tiny_engine.prefill([list(range(400, 417))])[1], 0)
+    third = list(range(400, 400 + BLOCK_TOKENS + 1))
+    prefix.insert([third], tiny_engine.prefill([third])[1])
     assert len(prefix.match(first)) == 0 and len(prefix.match(second)) == 2  # `first` was the least recent
 
 
