@@ -12,6 +12,10 @@ more the longer its past, so chunks shrink as a long prompt is read. So a long p
 stream's next token by about that long, and a request cancelled mid-prompt (its client gone, its deadline passed)
 stops within a chunk.
 
+Prefix caching (service/prefix_cache.py): a prompt whose start is cached is admitted as one already read that far,
+from a copy of the cached blocks, and its remaining tokens are read as chunks over them; a prompt's blocks are kept
+as soon as it is read, before decode steps write into its cache.
+
 Slow readers: a token counts as unread until its message's write has completed. A stream with
 `max_unread_tokens` unread is paused: its KV rows leave the batch and wait aside, and it gives up its slot (up to
 `max_paused` paused streams; more than that keep their slots), so a client that stops reading costs no compute and
