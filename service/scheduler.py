@@ -58,6 +58,10 @@ log = logging.getLogger("gptserve.scheduler")
 PREFILL_CHUNK_TOKENS = 512
 PREFILL_STEP_SECONDS = 0.2
 MIN_CHUNK_TOKENS = 16
+# A prompt over a cached prefix is read in a pass of its own (several new tokens over a past run for a batch of one):
+# a shorter prefix is read again with the prompts admitted beside it, one pass, as a step costs about the reading of
+# a few dozen prompt tokens (the weights are read once either way).
+MIN_REUSE_TOKENS = 64
 
 
 class BatchEngine(Protocol):
@@ -395,10 +399,12 @@ class Scheduler:
         self._admitted.update(member for handle in admit for member in handle.group)
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
         reuse = []  # an admitted prompt with a cached prefix is read from the prefix's end, as a begun one
-        for handle in admit:
-            if self.prefix_cache is not None and (blocks := self.prefix_cache.match(handle.request.prompt_ids)):
-                reuse.append((handle, tuple(blocks)))
-                progress[handle] = len(blocks) * self.prefix_cache.block_tokens
+        if self.prefix_cache is not None:
+            for handle in admit:
+                blocks = self.prefix_cache.match(handle.request.prompt_ids)
+                if (cached := len(blocks) * self.prefix_cache.block_tokens) >= MIN_REUSE_TOKENS:
+                    reuse.append((handle, tuple(blocks)))
+                    progress[handle] = cached
         prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())
         ready = [chunk for chunk in prefill if chunk.completes_prompt]
         return Plan(drop, tuple(pause), tuple(resume), tuple(admit), tuple(reuse), prefill,

@@ -142,14 +142,14 @@ def test_off_reuses_nothing_and_a_tiny_budget_stays_exact(default_engine, text_i
     with running_server(default_engine, prefix_cache_mb=0) as (server, client):
         assert [greedy(client, prompt)[1].cached_tokens for prompt in prompts] == [0] * len(prompts)
         assert server.metrics.value("gptserve_prefix_cache_bytes") == 0
-    with running_server(default_engine, prefix_cache_mb=1) as (server, client):  # one block of this model
+    with running_server(default_engine, prefix_cache_mb=4) as (server, client):  # five blocks of this model
         for prompt in prompts:
             tokens, _usage = greedy(client, prompt)
             assert tokens == [solo_greedy(default_engine, prompt, NEW_TOKENS, ignore_eos=True).token_ids]
-            assert 0 < server.metrics.value("gptserve_prefix_cache_bytes") <= 1 << 20
+            assert 0 < server.metrics.value("gptserve_prefix_cache_bytes") <= 4 << 20
         assert server.metrics.value("gptserve_prefix_cache_hits_total") == 0  # each prompt evicted the one before
         tokens, usage = greedy(client, prompts[-1])
-        assert usage.cached_tokens == BLOCK_TOKENS  # what fits: the last prompt's first block
+        assert usage.cached_tokens == 5 * BLOCK_TOKENS  # what fits: the last prompt's first five blocks
 
 
 def test_http_usage_reports_cached_tokens(default_engine, text_ids):
