@@ -51,6 +51,8 @@ SERVE_NUMBERS: dict[str, tuple[type, str]] = {
     "prefill_chunk_tokens": (int, "prompt tokens read per engine step at most (long prompts are read in chunks)"),
     "prefill_step_seconds": (float, "what a prompt chunk aims to take: the pause running streams see while a "
                                     "prompt is read"),
+    "prefix_cache_mb": (int, "MiB of prompts' KV kept to reuse for prompts that start the same way "
+                             "(chat histories, shared system prompts); least recently used blocks go first; 0 = off"),
     "default_max_new_tokens": (int, "when a request does not say"),
     "max_stop_strings": (int, "stop strings one request may send"),
     "max_message_bytes": (int, "largest request or response message"),

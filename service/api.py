@@ -296,5 +296,5 @@ def matched_stop(sequence: Sequence) -> dict:
     return {"stop_string": reason} if isinstance(reason, str) else {"stop_token_id": reason}
 
 
-def usage_to_proto(prompt_tokens: int, completion_tokens: int) -> pb.Usage:
-    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+def usage_to_proto(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> pb.Usage:
+    return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens)

@@ -445,7 +445,9 @@ class Reply:
     def usage(self) -> dict:
         prompt = sum(len(request.prompt_ids) for request in self.requests)
         completion = sum(len(handle.sequence.token_ids) for handle in self.handles)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        cached = sum(leader.cached_tokens for leader in self.leaders)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def _head(self) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion")

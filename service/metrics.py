@@ -61,7 +61,8 @@ class Metrics:
                                 "code", ["method", "code"], registry=own)
         self.finished = Counter("gptserve_request_finished", "Sequences that ended, by finish reason (eos, stop, "
                                 "length; cancelled: their client left; failed)", ["finish_reason"], registry=own)
-        self.prompt_tokens = Counter("gptserve_prompt_tokens", "Prompt tokens of admitted requests", registry=own)
+        self.prompt_tokens = Counter("gptserve_prompt_tokens", "Prompt tokens read by the engine (not those taken "
+                                     "from the prefix cache)", registry=own)
         self.generated_tokens = Counter("gptserve_generated_tokens", "Tokens generated", registry=own)
         self.prompt_length = Histogram("gptserve_request_prompt_tokens", "Prompt tokens per admitted request",
                                        buckets=LENGTH_BUCKETS, registry=own)
@@ -86,6 +87,17 @@ class Metrics:
                                      "and half-read prompts)", registry=own)
         self.kv_cache_usage = Gauge("gptserve_kv_cache_usage_ratio", "KV cache positions held over the budget "
                                     "(max batch size x context length)", registry=own)
+        # The prefix cache's hit rate is hits over queries (vLLM's pair of counters): rate() of both over a window.
+        self.prefix_cache_queries = Counter("gptserve_prefix_cache_queries", "Prompt tokens of requests admitted "
+                                            "while the prefix cache is on", registry=own)
+        self.prefix_cache_hits = Counter("gptserve_prefix_cache_hits", "Of those, the tokens taken from the "
+                                         "prefix cache (cached_tokens in usage)", registry=own)
+        self.prefix_cache_hit_ratio = Gauge("gptserve_prefix_cache_hit_ratio", "Hits over queries since the "
+                                            "server started", registry=own)
+        self.prefix_cache_bytes = Gauge("gptserve_prefix_cache_bytes", "Bytes of KV the prefix cache holds (at "
+                                        "most --prefix-cache-mb)", registry=own)
+        self.prefix_cache_tokens = Gauge("gptserve_prefix_cache_tokens", "Positions the prefix cache holds",
+                                         registry=own)
         self.batch_size = Histogram("gptserve_batch_size", "Sequences stepped together per decode step",
                                     buckets=BATCH_BUCKETS, registry=own)
         self.prefill_batch_size = Histogram("gptserve_prefill_batch_size",

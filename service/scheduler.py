@@ -12,6 +12,10 @@ more the longer its past, so chunks shrink as a long prompt is read. So a long p
 stream's next token by about that long, and a request cancelled mid-prompt (its client gone, its deadline passed)
 stops within a chunk.
 
+Prefix caching (service/prefix_cache.py): a prompt whose start is cached is admitted as one already read that far,
+from a copy of the cached blocks, and its remaining tokens are read as chunks over them; a prompt's blocks are kept
+as soon as it is read, before decode steps write into its cache.
+
 Slow readers: a token counts as unread until its message's write has completed. A stream with
 `max_unread_tokens` unread is paused: its KV rows leave the batch and wait aside, and it gives up its slot (up to
 `max_paused` paused streams; more than that keep their slots), so a client that stops reading costs no compute and
@@ -44,6 +48,7 @@ from gptserve.service.api import GenerationRequest, Timings
 from gptserve.service.errors import EngineFailure, NotServing, QueueFull
 from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
+from gptserve.service.prefix_cache import Block, PrefixCache
 
 log = logging.getLogger("gptserve.scheduler")
 
@@ -53,6 +58,10 @@ log = logging.getLogger("gptserve.scheduler")
 PREFILL_CHUNK_TOKENS = 512
 PREFILL_STEP_SECONDS = 0.2
 MIN_CHUNK_TOKENS = 16
+# A prompt over a cached prefix is read in a pass of its own (several new tokens over a past run for a batch of one):
+# a shorter prefix is read again with the prompts admitted beside it, one pass, as a step costs about the reading of
+# a few dozen prompt tokens (the weights are read once either way).
+MIN_REUSE_TOKENS = 64
 
 
 class BatchEngine(Protocol):
@@ -89,6 +98,7 @@ class RequestHandle:
         self._events: list[TokenEvent] = []
         self._wakeup = asyncio.Event()
         self.followers: list[RequestHandle] = []
+        self.cached_tokens = 0  # of the prompt, taken from the prefix cache rather than read (the leader's)
 
     @property
     def group(self) -> list[RequestHandle]:
@@ -193,6 +203,7 @@ class Plan:
     pause: tuple[RequestHandle, ...] = ()  # running, with max_unread_tokens unread: aside until their clients read
     resume: tuple[RequestHandle, ...] = ()  # paused, caught up: back into the batch
     admit: tuple[RequestHandle, ...] = ()  # from the queue into free slots
+    reuse: tuple[tuple[RequestHandle, tuple[Block, ...]], ...] = ()  # of the admitted: their cached prefixes
     prefill: tuple[Chunk, ...] = ()  # whole short prompts (one ragged batch), or one chunk of a long one
     decode: bool = False  # one step of every running sequence
 
@@ -238,7 +249,7 @@ class Scheduler:
     def __init__(self, engine: BatchEngine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
                  max_unread_tokens: int = 32, max_paused: int | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 prefill_step_seconds: float = PREFILL_STEP_SECONDS) -> None:
+                 prefill_step_seconds: float = PREFILL_STEP_SECONDS, prefix_cache: PrefixCache | None = None) -> None:
         max_paused = max_batch_size if max_paused is None else max_paused
         if min(max_batch_size, max_unread_tokens, prefill_chunk_tokens) < 1 or min(max_queue, max_paused) < 0 \
                 or not prefill_step_seconds > 0:
@@ -248,6 +259,7 @@ class Scheduler:
         self.max_batch_size, self.max_queue, self.max_unread_tokens = max_batch_size, max_queue, max_unread_tokens
         self.max_paused, self.prefill_chunk_tokens = max_paused, prefill_chunk_tokens
         self.prefill_step_seconds = prefill_step_seconds
+        self.prefix_cache = prefix_cache  # the engine thread's own
         self._seconds_per_prompt_token = 0.0  # of the last prefill: sizes the next chunk
         self._condition = threading.Condition()
         # Under the condition's lock: the queue, and how many requests are in the server (queued or admitted).
@@ -386,9 +398,16 @@ class Scheduler:
             admit.append(self._waiting.popleft())
         self._admitted.update(member for handle in admit for member in handle.group)
         progress = {handle: int(cache.lengths[0]) for handle, cache in self._prefilling.items() if cache is not None}
+        reuse = []  # an admitted prompt with a cached prefix is read from the prefix's end, as a begun one
+        if self.prefix_cache is not None:
+            for handle in admit:
+                blocks = self.prefix_cache.match(handle.request.prompt_ids)
+                if (cached := len(blocks) * self.prefix_cache.block_tokens) >= MIN_REUSE_TOKENS:
+                    reuse.append((handle, tuple(blocks)))
+                    progress[handle] = cached
         prefill = plan_prefill([*prefilling, *admit], progress, self._chunk_budget())
         ready = [chunk for chunk in prefill if chunk.completes_prompt]
-        return Plan(drop, tuple(pause), tuple(resume), tuple(admit), prefill,
+        return Plan(drop, tuple(pause), tuple(resume), tuple(admit), tuple(reuse), prefill,
                     decode=bool(running or resume or ready))
 
     def _chunk_budget(self) -> int:
@@ -412,12 +431,19 @@ class Scheduler:
             for handle in plan.resume:
                 handle.paused = False
         now = time.perf_counter()
+        reuse = dict(plan.reuse)
         for handle in plan.admit:
             for member in handle.group:
                 member.admitted = now
-            self._prefilling[handle] = None
+            self._prefilling[handle] = self._reuse(handle, list(reuse[handle])) if handle in reuse else None
             self.metrics.queue_time.observe(now - handle.submitted)
             self.metrics.prompt_length.observe(len(handle.request.prompt_ids))
+            if self.prefix_cache is not None:
+                self.metrics.prefix_cache_queries.inc(len(handle.request.prompt_ids))
+                self.metrics.prefix_cache_hits.inc(handle.cached_tokens)
+                queried = self.metrics.value("gptserve_prefix_cache_queries_total")
+                self.metrics.prefix_cache_hit_ratio.set(
+                    self.metrics.value("gptserve_prefix_cache_hits_total") / queried if queried else 0.0)
         if plan.prefill:
             self._prefill(plan.prefill)
             self._flush()  # first tokens go out now, not one decode step later
@@ -426,6 +452,14 @@ class Scheduler:
         self.metrics.active_sequences.set(self.active_count)
         self._measure_caches()
 
+    def _reuse(self, handle: RequestHandle, blocks: list[Block]) -> KVCache:
+        """The cache an admitted prompt starts from: a copy of its cached prefix, with room for the whole sequence."""
+        assert self.prefix_cache is not None  # only a plan made with one reuses
+        request = handle.request
+        cache = self.prefix_cache.cache_of(blocks, len(request.prompt_ids) + request.stopping.max_new_tokens)
+        handle.cached_tokens = int(cache.lengths[0])
+        return cache
+
     def _measure_caches(self) -> None:
         caches = [self._batch, *self._paused.values(), *self._prefilling.values()]
         positions = sum(int(cache.lengths.sum()) for cache in caches if cache is not None)
@@ -433,6 +467,9 @@ class Scheduler:
         context_length = getattr(self.engine, "context_length", None)
         if context_length:
             self.metrics.kv_cache_usage.set(positions / (self.max_batch_size * context_length))
+        if self.prefix_cache is not None:
+            self.metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
+            self.metrics.prefix_cache_tokens.set(self.prefix_cache.tokens)
 
     def _prefill(self, chunks: tuple[Chunk, ...]) -> None:
         handles = [chunk.handle for chunk in chunks]
@@ -458,6 +495,8 @@ class Scheduler:
             return
         for handle in handles:
             del self._prefilling[handle]
+        if self.prefix_cache is not None:  # before the decode steps append to the cache in place
+            self.prefix_cache.insert([handle.request.prompt_ids for handle in handles], cache)
         # Each prompt's row serves every live sequence of its request: their first tokens come from its logits.
         rows, members = [], []
         for row, handle in enumerate(handles):

@@ -46,6 +46,7 @@ from gptserve.service.api import (
 from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
+from gptserve.service.prefix_cache import PREFIX_CACHE_MB, PrefixCache
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
 from gptserve.service.tracing import RequestTracer, otlp_provider
 from gptserve.v1 import generation_pb2 as pb
@@ -82,6 +83,7 @@ class ServerConfig:
     stall_seconds: float = setting(30.0, 0.001)  # a stream whose writes make no progress this long is ended
     prefill_chunk_tokens: int = setting(PREFILL_CHUNK_TOKENS, 1)  # prompt tokens per engine iteration at most
     prefill_step_seconds: float = setting(PREFILL_STEP_SECONDS, 0.001)  # what a prompt chunk aims to take
+    prefix_cache_mb: int = setting(PREFIX_CACHE_MB, 0)  # KV of prompts kept for reuse (service/prefix_cache.py); 0: off
     default_max_new_tokens: int = setting(256, 1)
     max_stop_strings: int = setting(16, 0)
     max_message_bytes: int = setting(1 << 20, 1)  # of one request or response message
@@ -267,7 +269,8 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
             return pb.GenerateResponse(
                 request_id=request.request_id, text=sequence.text, token_ids=sequence.token_ids,
                 finish_reason=choices[0].finish_reason,
-                usage=usage_to_proto(len(request.prompt_ids), sum(len(member.sequence.token_ids) for member in events)),
+                usage=usage_to_proto(len(request.prompt_ids), sum(len(member.sequence.token_ids) for member in events),
+                                     handle.cached_tokens),
                 timings=handle.timings().to_proto(),
                 logprobs=sequence.logprobs if request.return_logprobs else [],
                 choices=choices,
@@ -291,7 +294,7 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
                     running -= 1
                 if not running:  # the request's last message
                     completion = sum(len(sequence.sequence.token_ids) for sequence in handle.group)
-                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), completion))
+                    response.usage.CopyFrom(usage_to_proto(len(request.prompt_ids), completion, handle.cached_tokens))
                     response.timings.CopyFrom(handle.timings().to_proto())
                 try:
                     async with asyncio.timeout(self.config.stall_seconds):  # no task per write, unlike wait_for
@@ -474,7 +477,8 @@ class GenerationServer:
         config = self.config
         engine = await _on_daemon_thread(self.load_engine)  # seconds of file hashing and the canary
         scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens,
-                              config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds)
+                              config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds,
+                              PrefixCache(config.prefix_cache_mb << 20) if config.prefix_cache_mb else None)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
                         config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters,
