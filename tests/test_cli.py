@@ -24,10 +24,11 @@ LIBRARY_NOISE = ("torchvision", "LeafSpec", "axis name", "matmul_nbits_quantizer
 
 
 def gptserve(*arguments: str, environment: dict[str, str] | None = None, timeout: float = 120):
-    """Runs `gptserve ARGUMENTS` with no GPTSERVE_ variables but those given (and a private cache)."""
+    """Runs `gptserve ARGUMENTS` with no GPTSERVE_ variables but those given, and no HTTP API unless asked for (its
+    default port, 8000, may be taken on the machine running the tests)."""
     clean = {key: value for key, value in os.environ.items() if not key.startswith("GPTSERVE_")}
     return subprocess.run([sys.executable, "-m", "gptserve", *arguments], capture_output=True, text=True,
-                          timeout=timeout, env={**clean, **(environment or {})})
+                          timeout=timeout, env={**clean, "GPTSERVE_HTTP_PORT": "0", **(environment or {})})
 
 
 def assert_one_line(done: subprocess.CompletedProcess, status: int, *words: str) -> str:
