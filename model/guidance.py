@@ -90,8 +90,10 @@ class Guide:
         return allowed if len(allowed) == width else np.pad(allowed, (0, width - len(allowed)))
 
     def advance(self, token: int) -> None:
-        if not self.matcher.consume_token(token):  # a masked choice cannot be refused: this is a bug
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        # A masked choice is never refused; what fails here is the library giving up on a grammar it compiled
+        # (a lexer past its limits, e.g. a{1000000}): the request's constraint, not a bug.
+        if not self.matcher.consume_token(token):
+            raise ConstraintError(f"the constraint could not be followed: {_reason(self.matcher.get_error())}")
 
     @property
     def complete(self) -> bool:

@@ -55,7 +55,7 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
 }
-UNION_MEMBER = re.compile(r"int|float|str|bool|(list|dict|tuple)\[.*\]|[A-Z]\w*")
+UNION_MEMBER = re.compile(r"int|float|str|bool|(list|dict|tuple|function-\w+)\[.*\]|[A-Z]\w*")
 PROMPT_FIELD = re.compile(r"^(input|prompt_token_ids\.ids|prompt)(?=\[|$)")
 ROUTE_METHODS = {"/v1/chat/completions": "ChatCompletions", "/v1/completions": "Completions", "/v1/models": "Models",
                  "/tokenize": "Tokenize", "/detokenize": "Detokenize"}
@@ -159,6 +159,9 @@ class OpenAIFrontend:
         assert isinstance(error, RequestValidationError)  # registered for it only
         self._check_token(request)  # an unauthenticated caller learns nothing about its request
         first = error.errors()[0]
+        if first["type"] == "json_invalid":  # its location is a character offset, not a field
+            return self._refused_body(request, f"request body: not valid JSON (at character {first['loc'][-1]}: "
+                                               f"{first.get('ctx', {}).get('error', first['msg'])})", None)
         # pydantic names the member of a union it tried ("temperature.int"): the field is what the client wrote.
         location = [str(part) for part in first["loc"]
                     if part != "body" and (isinstance(part, int) or not UNION_MEMBER.fullmatch(part))]
@@ -166,6 +169,9 @@ class OpenAIFrontend:
             if location else None
         message = f"{param}: {first['msg']}" if param else \
             "request body: not a JSON object (send one, with the header Content-Type: application/json)"
+        return self._refused_body(request, message, param)
+
+    def _refused_body(self, request: Request, message: str, param: str | None) -> Response:
         call = self._open(request, ROUTE_METHODS.get(request.url.path, request.url.path))
         call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
         self.servicer.close_call(call)
@@ -241,7 +247,7 @@ class OpenAIFrontend:
             call.message = error.message
             return error
         if isinstance(error, asyncio.CancelledError | GeneratorExit):
-            call.code = grpc.StatusCode.UNAVAILABLE if self.servicer.closing else grpc.StatusCode.CANCELLED
+            call.code = self.servicer.gone_code()
             return error
         failure, call.code = http_error(error, call.request.request_id if call.request else None, rename)
         call.message = failure.message  # logged as its client read it
@@ -307,6 +313,9 @@ class OpenAIFrontend:
             reply = Reply(body, checked, leaders, backend, body.model or self.model_names(backend)[0])
             if not body.stream:
                 whole = await self._until_done_or_gone(request, reply)
+                if whole is None:  # nobody is left to read a reply
+                    call.code = self.servicer.gone_code()
+                    return Response(status_code=499)
                 call.code = grpc.StatusCode.OK
                 return JSONResponse(whole)
             streaming = True
@@ -322,15 +331,13 @@ class OpenAIFrontend:
         reply.cancel()
         self.servicer.close_call(call)
 
-    async def _until_done_or_gone(self, request: Request, reply: Reply) -> dict:
-        """The whole reply; a client that disconnects first cancels the requests within one step."""
+    async def _until_done_or_gone(self, request: Request, reply: Reply) -> dict | None:
+        """The whole reply, or None for a client that disconnected first (its requests end within one step)."""
         work = asyncio.ensure_future(reply.whole())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait([work, gone], return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():
-                raise asyncio.CancelledError
-            return work.result()
+            return work.result() if work.done() else None
         finally:
             gone.cancel()
             work.cancel()

@@ -8,40 +8,52 @@ yet are refused by name rather than ignored; any other unknown field is ignored,
 from __future__ import annotations
 
 import json
-from typing import Any
+import re
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from gptserve.service.errors import InvalidRequest
 from gptserve.service.tools import call_grammar
 from gptserve.v1 import generation_pb2 as pb
 
+
+def _encodable(text: str) -> str:
+    """JSON may spell a lone surrogate ("\\ud800"); no UTF-8 string, and no protobuf field, can hold one."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_encodable)]
 Number = StrictInt | StrictFloat
 UNSUPPORTED = ("functions", "function_call", "best_of", "suffix", "prompt_logprobs")
 
 
 class ContentPart(BaseModel):
     type: str
-    text: StrictStr | None = None
+    text: Text | None = None
 
 
 class FunctionCall(BaseModel):
-    name: StrictStr
-    arguments: StrictStr  # a JSON object, as text
+    name: Text
+    arguments: Text  # a JSON object, as text
 
 
 class ToolCallMessage(BaseModel):
-    id: StrictStr = ""
-    type: StrictStr = "function"
+    id: Text = ""
+    type: Text = "function"
     function: FunctionCall
 
 
 class ChatMessage(BaseModel):
-    role: StrictStr
-    content: StrictStr | list[ContentPart] | None = None
-    name: StrictStr | None = None
+    role: Text
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
     tool_calls: list[ToolCallMessage] | None = None
-    tool_call_id: StrictStr | None = None
+    tool_call_id: Text | None = None
 
     def text(self, index: int) -> str:
         """The content as one string: text parts joined by newlines."""
@@ -55,22 +67,22 @@ class ChatMessage(BaseModel):
 
 
 class Function(BaseModel):
-    name: StrictStr
-    description: StrictStr = ""
+    name: Text
+    description: Text = ""
     parameters: dict[str, Any] | None = None
 
 
 class Tool(BaseModel):
-    type: StrictStr = "function"
+    type: Text = "function"
     function: Function
 
 
 class NamedFunction(BaseModel):
-    name: StrictStr
+    name: Text
 
 
 class NamedToolChoice(BaseModel):
-    type: StrictStr = "function"
+    type: Text = "function"
     function: NamedFunction
 
 
@@ -91,13 +103,13 @@ class StreamOptions(BaseModel):
 
 
 class JsonSchemaFormat(BaseModel):
-    name: StrictStr | None = None
+    name: Text | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: StrictBool | None = None  # the schema is always enforced
 
 
 class ResponseFormat(BaseModel):
-    type: StrictStr
+    type: Text
     json_schema: JsonSchemaFormat | None = None
 
     def target(self) -> dict[str, Any] | None:
@@ -118,19 +130,19 @@ class GenerationFields(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: StrictStr | None = None
+    model: Text | None = None
     max_tokens: StrictInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     n: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
+    stop: Text | list[Text] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Number | None = None
     frequency_penalty: Number | None = None
-    logit_bias: dict[StrictStr, Number] | None = None
-    user: StrictStr | None = None
+    logit_bias: dict[Text, Number] | None = None
+    user: Text | None = None
     # vLLM's
     top_k: StrictInt | None = None
     min_p: Number | None = None
@@ -142,10 +154,10 @@ class GenerationFields(BaseModel):
     return_token_ids: StrictBool = False
     # Constraints: OpenAI's, and vLLM's under their names. At most one.
     response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | StrictStr | None = None
-    guided_regex: StrictStr | None = None
-    guided_choice: list[StrictStr] | None = None
-    guided_grammar: StrictStr | None = None
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: Text | None = None
 
     def constraint_field(self) -> str | None:
         """The field this body's constraint came in, as the client spelled it (for errors)."""
@@ -226,7 +238,7 @@ class GenerationFields(BaseModel):
                      "frequency_penalty"):
             self._number(sampling, name, getattr(self, name), f"sampling.{name}")
         for token, bias in (self.logit_bias or {}).items():
-            if not token.lstrip("-").isdigit() or not -2**31 <= int(token) < 2**31:
+            if not re.fullmatch(r"-?[0-9]{1,10}", token) or not -2**31 <= int(token) < 2**31:
                 raise InvalidRequest(f"logit_bias[{token[:32]!r}]", "keys are token ids, as decimal strings")
             sampling.logit_bias[int(token)] = bias
         self._number(stopping, "max_new_tokens", self.length(), "stopping.max_new_tokens")
@@ -250,7 +262,7 @@ class ChatCompletionRequest(GenerationFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
     tools: list[Tool] | None = None
-    tool_choice: StrictStr | NamedToolChoice | None = None
+    tool_choice: Text | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
 
     def tool_names(self) -> set[str]:
@@ -288,7 +300,7 @@ class ChatCompletionRequest(GenerationFields):
 
 
 class CompletionRequest(GenerationFields):
-    prompt: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = None
     echo: StrictBool = False
 
@@ -299,17 +311,25 @@ class CompletionRequest(GenerationFields):
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: a text, or token ids."""
-        prompt = self.prompt
+        prompt: Any = self.prompt
         if isinstance(prompt, str) or (prompt and all(isinstance(item, int) for item in prompt)):
-            return [prompt]  # type: ignore[list-item]
-        if not prompt:
+            prompts: list[Any] = [prompt]
+        elif not prompt:
             raise InvalidRequest("prompt", "empty; send a prompt")
-        return list(prompt)  # type: ignore[arg-type]
+        else:
+            prompts = list(prompt)
+        for number, ids in enumerate(prompts):
+            # Past int32 a protobuf field cannot even hold the id: refused here, as the vocabulary check would.
+            outside = [token for token in ids if not -2**31 <= token < 2**31] if isinstance(ids, list) else []
+            if outside:
+                where = f"prompt[{number}]" if len(prompts) > 1 else "prompt"
+                raise InvalidRequest(where, f"{outside[0]} is outside the vocabulary")
+        return prompts
 
 
 class TokenizeRequest(BaseModel):
-    model: StrictStr | None = None
-    prompt: StrictStr | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
 
     def to_proto(self) -> pb.TokenizeRequest:
@@ -321,6 +341,6 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model: StrictStr | None = None
+    model: Text | None = None
     tokens: list[StrictInt]
 

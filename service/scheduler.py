@@ -43,9 +43,10 @@ from typing import Protocol
 import numpy as np
 
 from gptserve.model.generation import Sequence, TokenEvent
+from gptserve.model.guidance import ConstraintError
 from gptserve.model.tokenizer import Tokenizer
 from gptserve.service.api import GenerationRequest, Timings
-from gptserve.service.errors import EngineFailure, NotServing, QueueFull
+from gptserve.service.errors import EngineFailure, InvalidRequest, NotServing, QueueFull
 from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
 from gptserve.service.prefix_cache import Block, PrefixCache
@@ -533,6 +534,9 @@ class Scheduler:
         for row, handle in enumerate(handles):
             try:
                 event = handle.sequence.step(logits[row])
+            except ConstraintError as error:  # the request's own constraint gave out: its error, not a bug
+                self._end(handle, InvalidRequest("constraint", str(error)))
+                continue
             except Exception:
                 log.exception("sampling failed for request %s", handle.request.request_id)
                 self._end(handle, engine_failure(handle))

@@ -214,10 +214,14 @@ class GenerationServicer(pb_grpc.TextGenerationServicer):
         finally:
             self.close_call(call)
 
+    def gone_code(self) -> grpc.StatusCode:
+        """The status of a call whose client left: UNAVAILABLE when the shutdown grace cut it, else CANCELLED."""
+        return grpc.StatusCode.UNAVAILABLE if self.closing else grpc.StatusCode.CANCELLED
+
     def _why_gone(self, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
         """The status of a call that ended without a reply of ours: what its client was told."""
         if self.closing:  # cut at the end of the shutdown grace: its client gets UNAVAILABLE
-            return grpc.StatusCode.UNAVAILABLE
+            return self.gone_code()
         # The client's own timer usually fires first and cancels the call moments before the server's copy of
         # the deadline runs out, so a cancel that close to the deadline is the deadline.
         remaining = context.time_remaining()

@@ -54,3 +54,37 @@ def test_still_serving_after_all_that(base_url):
     response = httpx.post(f"{base_url}/v1/completions", json={"model": model, "prompt": "Still here", "max_tokens": 3,
                                                               "temperature": 0, "ignore_eos": True})
     assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 3
+
+
+def post(base_url: str, path: str, body: str) -> httpx.Response:
+    return httpx.post(f"{base_url}{path}", content=body.encode(), headers={"Content-Type": "application/json"},
+                      timeout=60)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "stop": "\\ud800"}', "stop"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages[0].content"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", '{"prompt": [1000000000000], "max_tokens": 2}', "prompt"),
+    ("/v1/completions", '{"prompt": [[1], [1180591620717411303424]], "max_tokens": 2}', "prompt[1]"),
+    ("/v1/completions", '{"prompt": "hi", "logit_bias": {"--1": 1}}', None),
+    ("/v1/completions", '{"prompt": "hi", "logit_bias": {"\\u00b2": 1}}', None),
+    ("/v1/completions", '{"prompt": "hi", "logit_bias": {"\\u0663": 100}}', None),  # an Arabic-Indic digit 3
+    ("/v1/completions", '{"prompt": "hi",}', None),
+])
+def test_values_no_protobuf_field_can_hold_are_400_not_500(base_url, path, body, param):
+    """A lone surrogate, an id past int32, a key that only looks like a number, JSON that does not parse."""
+    error = error_of(post(base_url, path, body), 400)
+    if param is not None:
+        assert error["param"] == param, error
+    else:
+        assert error["message"].startswith(("logit_bias", "request body: not valid JSON")), error
+
+
+def test_a_constraint_the_library_gives_up_on_is_400(base_url):
+    """It compiles, then llguidance's lexer gives out at the first token: the request's error, not a bug."""
+    model = httpx.get(f"{base_url}/v1/models").json()["data"][0]["id"]
+    response = post(base_url, "/v1/completions", f'{{"model": "{model}", "prompt": "hi", "max_tokens": 10, '
+                                                 '"guided_regex": "a{1000000}"}')
+    assert response.status_code == 400, response.text
