@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import re
 import socket
@@ -31,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptserve.model.generation import FinishReason, TokenEvent
 from gptserve.service.api import MAX_REQUEST_ID_LENGTH, GenerationRequest, parse_generate_request, parse_input
+from gptserve.service.auth import BearerToken
 from gptserve.service.errors import ConfigError, InvalidRequest, NotServing, ServiceError, status_for
 from gptserve.service.openai_schema import (
     ChatCompletionRequest,
@@ -136,7 +136,7 @@ class OpenAIFrontend:
         self.servicer, self.is_serving = servicer, is_serving
         config = servicer.config
         self.config = config
-        self._expected = f"Bearer {config.auth_token}".encode() if config.auth_token else None
+        self.token = BearerToken(config.auth_token) if config.auth_token else None
         self.app = FastAPI(title="gptserve", docs_url=None, redoc_url=None, openapi_url=None)
         self.started = int(time.time())
         self.app.add_middleware(BodyLimit, limit=config.max_message_bytes)
@@ -172,17 +172,13 @@ class OpenAIFrontend:
         return self._refused_body(request, message, param)
 
     def _refused_body(self, request: Request, message: str, param: str | None) -> Response:
-        call = self._open(request, ROUTE_METHODS.get(request.url.path, request.url.path))
+        call = self._open(request)
         call.code, call.message = grpc.StatusCode.INVALID_ARGUMENT, message
         self.servicer.close_call(call)
         return HttpError(400, "invalid_request_error", message, param).response()
 
     def _check_token(self, request: Request) -> None:
-        if self._expected is None:
-            return
-        supplied = request.headers.get("authorization", "").encode()
-        # Constant-time comparison, as on gRPC: the time taken says nothing about how much of the token matched.
-        if not hmac.compare_digest(supplied, self._expected):
+        if self.token is not None and not self.token.admits(request.headers.get("authorization", "")):
             raise HttpError(401, "authentication_error", "missing or wrong bearer token: send the header "
                             "'Authorization: Bearer TOKEN'", code="invalid_api_key")
 
@@ -209,20 +205,20 @@ class OpenAIFrontend:
         return Response(generate_latest(self.servicer.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self, request: Request) -> Response:
-        async with self._call(request, "Models"):
+        async with self._call(request):
             backend = self._backend(None)
             return JSONResponse({"object": "list", "data": [
                 {"id": name, "object": "model", "created": self.started, "owned_by": "gptserve",
                  "max_model_len": backend.engine.context_length} for name in self.model_names(backend)]})
 
     async def tokenize(self, request: Request, body: TokenizeRequest) -> Response:
-        async with self._call(request, "Tokenize"):
+        async with self._call(request):
             backend = self._backend(body.model)
             ids, _ = await asyncio.to_thread(parse_input, body.to_proto(), backend.engine.tokenizer, backend.limits)
             return JSONResponse({"count": len(ids), "max_model_len": backend.engine.context_length, "tokens": ids})
 
     async def detokenize(self, request: Request, body: DetokenizeRequest) -> Response:
-        async with self._call(request, "Detokenize"):
+        async with self._call(request):
             backend = self._backend(body.model)
             vocab = backend.engine.vocab_size
             for index, token in enumerate(body.tokens):
@@ -233,7 +229,9 @@ class OpenAIFrontend:
 
     # Generation -----------------------------------------------------------------------------------------------
 
-    def _open(self, request: Request, method: str, generation: bool = False) -> _Call:
+    def _open(self, request: Request, generation: bool = False) -> _Call:
+        """A call of the route's method (ROUTE_METHODS), as the servicer counts and logs calls."""
+        method = ROUTE_METHODS.get(request.url.path, request.url.path)
         call = self.servicer.open_call(method, f"http:{request.client.host if request.client else '?'}",
                                        generation)
         call.carrier = dict(request.headers)
@@ -254,9 +252,9 @@ class OpenAIFrontend:
         return failure
 
     @contextlib.asynccontextmanager
-    async def _call(self, request: Request, method: str):
+    async def _call(self, request: Request):
         """A call that is not a generation: the token check, then its count, and failures as OpenAI's error body."""
-        call = self._open(request, method)
+        call = self._open(request)
         try:
             self._check_token(request)
             yield call
@@ -267,18 +265,18 @@ class OpenAIFrontend:
             self.servicer.close_call(call)
 
     async def chat_completions(self, request: Request, body: ChatCompletionRequest) -> Response:
-        return await self._generate(request, body, "ChatCompletions",
+        return await self._generate(request, body,
                                     lambda: [pb.GenerateRequest(messages=chat_messages(body.messages, body.tools))])
 
     async def completions(self, request: Request, body: CompletionRequest) -> Response:
-        return await self._generate(request, body, "Completions", lambda: [
+        return await self._generate(request, body, lambda: [
             pb.GenerateRequest(prompt_token_ids=pb.TokenIds(ids=prompt)) if isinstance(prompt, list)
             else pb.GenerateRequest(prompt=prompt) for prompt in body.prompts()])
 
-    async def _generate(self, request: Request, body: GenerationFields, method: str,
+    async def _generate(self, request: Request, body: GenerationFields,
                         inputs: Callable[[], list[pb.GenerateRequest]]) -> Response:
         """Checks and queues the request's prompts, then answers whole, or hands the call to its stream."""
-        rename, call = renamer(body), self._open(request, method, generation=True)
+        rename, call = renamer(body), self._open(request, generation=True)
         streaming = False
         try:
             self._check_token(request)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import signal
@@ -43,6 +42,7 @@ from gptserve.service.api import (
     tokens_to_proto,
     usage_to_proto,
 )
+from gptserve.service.auth import BearerToken
 from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unauthenticated, status_for
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
@@ -368,16 +368,13 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     comes before the request is parsed: the refusal reads nothing of it."""
 
     def __init__(self, token: str, metrics: Metrics) -> None:
-        self._expected = f"Bearer {token}".encode()
-        self.metrics = metrics
+        self.token, self.metrics = BearerToken(token), metrics
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None or details.method.startswith(f"/{HEALTH_SERVICE}/"):
             return handler
-        supplied = dict(details.invocation_metadata or ()).get("authorization", "")
-        # Constant-time comparison: the time taken says nothing about how much of the token matched.
-        if hmac.compare_digest(str(supplied).encode(), self._expected):
+        if self.token.admits(str(dict(details.invocation_metadata or ()).get("authorization", ""))):
             return handler
         method, refusal = details.method.rsplit("/", 1)[-1], Unauthenticated(
             "missing or wrong bearer token: send metadata 'authorization: Bearer TOKEN'")
