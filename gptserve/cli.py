@@ -248,7 +248,7 @@ def serve_config(args: argparse.Namespace):
         served_model_names=tuple(args.served_model_name),
         tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=read_token(args.auth_token_file),
         metrics_port=args.metrics_port or None, metrics_host=args.metrics_host, grace_seconds=args.grace_seconds,
-        otlp_endpoint=args.otlp_endpoint,
+        otlp_endpoint=args.otlp_endpoint, speculative=args.speculative,
     )
 
 
@@ -363,6 +363,10 @@ def add_service_commands(commands) -> None:
     serve.add_argument("--metrics-host", default=defaults.metrics_host, help="address of the /metrics endpoint")
     serve.add_argument("--grace-seconds", type=float, default=defaults.grace_seconds,
                        help="on SIGTERM/SIGINT, how long streams in flight may take to finish")
+    serve.add_argument("--speculative", default=defaults.speculative, metavar="ngram|draft:DIR|off",
+                       help="lossless speculative decoding while one stream runs: guesses from prompt lookup "
+                            "(ngram) or a draft artifact sharing the model's tokenizer (draft:DIR), verified in "
+                            "one forward")
     serve.add_argument("--otlp-endpoint", default=defaults.otlp_endpoint,
                        help="trace requests (queue, prefill, decode) to this OpenTelemetry OTLP/gRPC collector, "
                             "e.g. http://127.0.0.1:4317 (needs gptserve[otel])")

@@ -69,6 +69,10 @@ class Tokenizer:
         # this: a text longer than `n * longest_token_characters` is more than `n` tokens.
         self.longest_token_characters = max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's spelling and id, added tokens included: two tokenizers with the same read text alike."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     # Loading and saving ---------------------------------------------------------------------------------------
 
     @classmethod

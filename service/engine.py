@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,7 @@ class Engine:
         self.on_device = self.execution_provider == "CUDAExecutionProvider"
         self.device_id = int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
         self._past_names, self._present_names = self.graph.past_names, self.graph.present_names
+        self.load_options: dict = {}  # Engine.load's arguments besides the folder
 
     @classmethod
     def load(cls, folder: str | Path, provider: str = "auto", threads: int | None = None, device_id: int = 0,
@@ -74,7 +76,13 @@ class Engine:
         _check_contract(folder, manifest, session)
         engine = cls(folder, manifest, session, Tokenizer.from_folder(folder))
         engine.run_canary()
+        engine.load_options = {"provider": provider, "threads": threads, "device_id": device_id,
+                               "gpu_mem_limit": gpu_mem_limit}
         return engine
+
+    def load_beside(self, folder: Path) -> Engine:
+        """Another artifact (a draft model) on this engine's provider, device and threads."""
+        return Engine.load(folder, **self.load_options)
 
     def empty_past(self, batch_size: int) -> list[np.ndarray]:
         return empty_past(self.graph, batch_size)
@@ -117,17 +125,32 @@ class Engine:
         On CPU a step's present is the past's own buffers (grown when needed) with the new positions written in:
         positions beyond the mask's width are room, not cache, and the past passed in is spent. A decode step's
         logits are the batch's logits buffer, which its next step overwrites: take the tokens first."""
-        if self.on_device:
-            logits, present = self._step_on_device(input_ids, attention_mask, past)
-        elif past is None:
-            logits, present = self._prefill(input_ids, attention_mask)
-        else:
-            logits, present = self._step_in_place(input_ids, attention_mask, past)
+        logits, present = self._forward(input_ids, attention_mask, past)
         if logits.shape[1] == 1:
             return logits[:, 0], present
         # Every position's logits (B, T, V): each row's own last token, which padding may follow.
         last = attention_mask.sum(-1) - 1 - (attention_mask.shape[1] - logits.shape[1])
         return logits[np.arange(len(logits)), last], present
+
+    def verify(self, cache: KVCache, token_ids: Sequence[int]) -> np.ndarray:
+        """A stream's last token and the tokens drafted after it (T,) over its cache, a batch of one (the graph runs
+        several new tokens over a past for one row only), in one forward: every position's logits (T, V), the
+        batch's logits buffer, which its next step overwrites. The cache gains all T positions; `cache.rewind`
+        takes back those of the drafts rejected."""
+        if cache.size != 1:
+            raise ValueError("drafts are verified for a batch of one")
+        input_ids = np.array([token_ids], dtype=np.int64)  # (1, T)
+        logits, present = self._forward(input_ids, cache.attention_mask(input_ids.shape[1]), cache.buffers)
+        cache.advance(present, input_ids.shape[1])
+        return logits[0]
+
+    def _forward(self, input_ids, attention_mask, past):
+        """The provider's way of running a step: logits (B, T', V) of the last T' positions, and the present."""
+        if self.on_device:
+            return self._step_on_device(input_ids, attention_mask, past)
+        if past is None:
+            return self._prefill(input_ids, attention_mask)
+        return self._step_in_place(input_ids, attention_mask, past)
 
     def _prefill(self, input_ids, attention_mask):
         """CPU: logits of the last positions only (logits_to_keep), as many as reach back to the shortest prompt's

@@ -50,6 +50,11 @@ class KVCache:
         """After a step: every row gained `new_tokens` positions, now in `buffers`."""
         self.buffers, self.lengths = buffers, self.lengths + new_tokens
 
+    def rewind(self, positions: int) -> None:
+        """Takes back every row's last `positions` (drafted tokens the target rejected): room the next step
+        overwrites in place."""
+        self.lengths = self.lengths - positions
+
     @staticmethod
     def join(caches: list[KVCache | None]) -> KVCache:
         """Stacks batches (their buffers cut or zero-extended to the longest row)."""
@@ -67,7 +72,7 @@ class KVCache:
         return KVCache([on_host(tensor)[rows, :, :int(lengths.max())] for tensor in self.buffers], lengths)
 
     def truncate(self, length: int) -> KVCache:
-        """Every row cut to at most its first `length` positions (a shared prefix, or a rejected draft undone); it
+        """Every row cut to at most its first `length` positions (a shared prefix); it
         shares those positions with this cache, which never rewrites them."""
         lengths = np.minimum(self.lengths, length)
         return KVCache([on_host(tensor)[:, :, :length] for tensor in self.buffers], lengths)

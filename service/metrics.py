@@ -98,6 +98,13 @@ class Metrics:
                                         "most --prefix-cache-mb)", registry=own)
         self.prefix_cache_tokens = Gauge("gptserve_prefix_cache_tokens", "Positions the prefix cache holds",
                                          registry=own)
+        # Speculative decoding (--speculative): the acceptance rate is accepted over drafted.
+        self.speculative_drafted = Counter("gptserve_speculative_draft_tokens", "Tokens guessed by the drafter "
+                                           "and verified by the model", registry=own)
+        self.speculative_accepted = Counter("gptserve_speculative_accepted_tokens", "Of those, the tokens the "
+                                            "model's own sampling confirmed", registry=own)
+        self.speculative_acceptance = Gauge("gptserve_speculative_acceptance_ratio", "Accepted over drafted since "
+                                            "the server started", registry=own)
         self.batch_size = Histogram("gptserve_batch_size", "Sequences stepped together per decode step",
                                     buckets=BATCH_BUCKETS, registry=own)
         self.prefill_batch_size = Histogram("gptserve_prefill_batch_size",

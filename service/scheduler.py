@@ -50,6 +50,7 @@ from gptserve.service.errors import EngineFailure, InvalidRequest, NotServing, Q
 from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
 from gptserve.service.prefix_cache import Block, PrefixCache
+from gptserve.service.speculative import Speculator
 
 log = logging.getLogger("gptserve.scheduler")
 
@@ -73,6 +74,8 @@ class BatchEngine(Protocol):
     def prefill(self, prompts: list[Prompt[int]], cache: KVCache | None = None) -> tuple[np.ndarray, KVCache]: ...
 
     def decode(self, cache: KVCache, token_ids: np.ndarray) -> np.ndarray: ...
+
+    def verify(self, cache: KVCache, token_ids: Prompt[int]) -> np.ndarray: ...
 
 
 class RequestHandle:
@@ -250,7 +253,8 @@ class Scheduler:
     def __init__(self, engine: BatchEngine, metrics: Metrics, max_batch_size: int = 8, max_queue: int = 64,
                  max_unread_tokens: int = 32, max_paused: int | None = None,
                  prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
-                 prefill_step_seconds: float = PREFILL_STEP_SECONDS, prefix_cache: PrefixCache | None = None) -> None:
+                 prefill_step_seconds: float = PREFILL_STEP_SECONDS, prefix_cache: PrefixCache | None = None,
+                 speculator: Speculator | None = None) -> None:
         max_paused = max_batch_size if max_paused is None else max_paused
         if min(max_batch_size, max_unread_tokens, prefill_chunk_tokens) < 1 or min(max_queue, max_paused) < 0 \
                 or not prefill_step_seconds > 0:
@@ -261,6 +265,7 @@ class Scheduler:
         self.max_paused, self.prefill_chunk_tokens = max_paused, prefill_chunk_tokens
         self.prefill_step_seconds = prefill_step_seconds
         self.prefix_cache = prefix_cache  # the engine thread's own
+        self.speculator = speculator  # the engine thread's own too
         self._seconds_per_prompt_token = 0.0  # of the last prefill: sizes the next chunk
         self._condition = threading.Condition()
         # Under the condition's lock: the queue, and how many requests are in the server (queued or admitted).
@@ -448,7 +453,7 @@ class Scheduler:
         if plan.prefill:
             self._prefill(plan.prefill)
             self._flush()  # first tokens go out now, not one decode step later
-        if self._running:
+        if self._running and not (self.speculator and len(self._running) == 1 and self._speculate()):
             self._decode()
         self.metrics.active_sequences.set(self.active_count)
         self._measure_caches()
@@ -521,12 +526,48 @@ class Scheduler:
         try:
             logits = self.engine.decode(self._batch, token_ids)  # (B, V)
         except Exception:
-            log.exception("decode step failed for requests %s", [handle.request.request_id for handle in rows])
-            for handle in rows:  # the paused and the prefilling were not in this step: they go on
-                self._end(handle, engine_failure(handle))
-            self._running, self._batch = [], None
+            self._step_failed()
             return
         self._keep_rows(self._take_tokens(rows, logits))
+
+    def _speculate(self) -> bool:
+        """A step of the one running stream over the tokens its drafter guesses (service/speculative.py): the
+        guesses its own sampling confirms, and the token after them. False when it guesses none."""
+        assert self.speculator is not None and self._batch is not None  # a running stream has its cache
+        handle = self._running[0]
+        sequence = handle.sequence
+        limit = sequence.stopping.max_new_tokens - len(sequence.token_ids) - 1  # guesses past the end are waste
+        drafts = self.speculator.draft(handle, [*handle.request.prompt_ids, *sequence.token_ids], limit)
+        if not drafts:
+            return False
+        self.metrics.batch_size.observe(1)
+        try:
+            logits = self.engine.verify(self._batch, [sequence.token_ids[-1], *drafts])  # (1 + guesses, V)
+        except Exception:
+            self._step_failed()
+            return True
+        for accepted in range(len(drafts) + 1):
+            if not self._take_tokens([handle], logits[accepted:accepted + 1]):
+                self._keep_rows([])  # it ended (or failed): its cache goes with it
+                break
+            if accepted == len(drafts) or sequence.token_ids[-1] != drafts[accepted]:
+                self._batch.rewind(len(drafts) - accepted)  # the positions of the rejected guesses
+                break
+        self.speculator.record(handle, len(drafts), accepted)
+        self.metrics.speculative_drafted.inc(len(drafts))
+        self.metrics.speculative_accepted.inc(accepted)
+        drafted = self.metrics.value("gptserve_speculative_draft_tokens_total")
+        self.metrics.speculative_acceptance.set(self.metrics.value("gptserve_speculative_accepted_tokens_total")
+                                                / drafted)
+        return True
+
+    def _step_failed(self) -> None:
+        """A decode or verification step raised: its streams end (the paused and the prefilling go on)."""
+        rows = self._running
+        log.exception("decode step failed for requests %s", [handle.request.request_id for handle in rows])
+        for handle in rows:
+            self._end(handle, engine_failure(handle))
+        self._running, self._batch = [], None
 
     def _take_tokens(self, handles: list[RequestHandle], logits: np.ndarray) -> list[int]:
         """Each row's next token from its logits (B, V), sent on; returns the rows still running."""
@@ -584,6 +625,8 @@ class Scheduler:
             return
         handle.ended = time.perf_counter()
         self._admitted.discard(handle)
+        if self.speculator is not None:
+            self.speculator.forget(handle)
         sequence = handle.sequence
         reason = sequence.finish_reason.value if sequence.finish_reason else "failed" if error else "cancelled"
         self.metrics.finished.labels(reason).inc()

@@ -47,6 +47,7 @@ from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unau
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
 from gptserve.service.prefix_cache import PREFIX_CACHE_MB, PrefixCache
+from gptserve.service.speculative import check_mode, create_speculator
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
 from gptserve.service.tracing import RequestTracer, otlp_provider
 from gptserve.v1 import generation_pb2 as pb
@@ -95,6 +96,7 @@ class ServerConfig:
     grace_seconds: float = setting(10.0, 0.0)  # streams in flight get this long to finish on shutdown
     stats_seconds: float = setting(10.0, 0.0)  # a log line of throughput and load this often while busy; 0: never
     otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)
+    speculative: str = "off"  # ngram, draft:DIR or off (service/speculative.py)
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -106,6 +108,8 @@ class ServerConfig:
         # Authentication never fails open: a token that is there must be a token.
         if self.auth_token is not None and not self.auth_token.strip():
             raise ConfigError("auth_token", "empty; give a token, or none to serve without one")
+        if (problem := check_mode(self.speculative)) is not None:
+            raise ConfigError("speculative", problem)
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls_cert_file" if self.tls_key_file else "tls_key_file",
                               "TLS needs both a certificate file and a key file")
@@ -477,9 +481,11 @@ class GenerationServer:
     async def _load(self) -> None:
         config = self.config
         engine = await _on_daemon_thread(self.load_engine)  # seconds of file hashing and the canary
+        speculator = await _on_daemon_thread(lambda: create_speculator(config.speculative, engine))
         scheduler = Scheduler(engine, self.metrics, config.max_batch_size, config.max_queue, config.max_unread_tokens,
                               config.max_paused, config.prefill_chunk_tokens, config.prefill_step_seconds,
-                              PrefixCache(config.prefix_cache_mb << 20) if config.prefix_cache_mb else None)
+                              PrefixCache(config.prefix_cache_mb << 20) if config.prefix_cache_mb else None,
+                              speculator)
         scheduler.start()
         limits = Limits(engine.context_length, engine.vocab_size, config.default_max_new_tokens,
                         config.max_stop_strings, engine.context_length * engine.tokenizer.longest_token_characters,

@@ -1,0 +1,209 @@
+"""Lossless speculative decoding for a stream that runs alone: a drafter guesses the stream's next tokens, one
+forward of the target model reads its last token and the guesses together (Engine.verify), and the stream keeps
+the guesses its own sampling confirms.
+
+Why it is exact: at each verified position the sequence takes its token from the target's logits exactly as a plain
+decode step would (the same sampler, penalties, constraint and random stream), and a guess counts only when it
+equals that token; the first position where they differ gives the stream its token and ends the run. Both drafters
+guess deterministically (prompt lookup; a draft model's argmax), so this is the standard acceptance rule with a
+one-hot draft distribution q: a guess d is kept with probability min(1, p(d) / q(d)) = p(d), and on rejection the
+token follows max(0, p - q) renormalized, which is p without d: what a sample from p that is not d follows. Greedy
+output is the target's argmax, token for token; sampled output keeps the target's distribution, and a seeded request
+draws the very tokens it draws without speculation.
+
+When: the graph runs several new tokens over a past for a batch of one only, so the scheduler speculates while one
+stream runs and decodes plainly when several do (then batching, not guessing, fills each pass over the weights).
+How far: each stream drafts the length that promises the most tokens per unit of time, from its own acceptance rate
+(recent evidence weighs most, as a copied span ends) and the step costs measured at start-up. A stream whose guesses
+fail stops drafting and tries one token every PROBE_STEPS steps, so a workload that gains nothing loses about 1%.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from gptserve.service.errors import ConfigError
+from gptserve.service.kv_cache import KVCache
+
+MAX_DRAFT_TOKENS = 16  # one verification of 17 tokens costs ~2.5 decode steps on 2 cores (README)
+PROBE_STEPS = 16  # plain steps between single-token tries of a stream that stopped drafting
+NGRAM_SIZES = (4, 3, 2)  # prompt lookup matches the longest first; one token alone predicts too little
+EVIDENCE_DECAY = 0.8  # per verification: the weight of what earlier ones showed
+PRIOR = (1.0, 2.0)  # (accepted, tried): a stream starts by expecting half its guesses to hold
+SPECULATIVE_MODES = "off, ngram or draft:DIR (an artifact sharing the model's tokenizer)"
+
+
+class Drafter(Protocol):
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to `limit` guesses of the tokens that follow `tokens` (the stream's prompt and output so far)."""
+        ...
+
+
+class PromptLookup:
+    """Guesses from the stream's own tokens (prompt and output): what followed the latest earlier occurrence of its
+    last n tokens, for the longest n in NGRAM_SIZES that occurred. Summaries, rewrites, code edits and answers from
+    a given document copy long spans of their prompt."""
+
+    def __init__(self) -> None:
+        self._next: dict[tuple[int, ...], int] = {}  # an n-gram -> the position after its latest occurrence
+        self._indexed = 0  # n-grams ending before this position are in _next
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        for end in range(max(self._indexed, 1), len(tokens)):  # every n-gram with a token after it
+            for n in NGRAM_SIZES:
+                if end >= n:
+                    self._next[tuple(tokens[end - n:end])] = end
+        self._indexed = len(tokens)
+        for n in NGRAM_SIZES:
+            start = self._next.get(tuple(tokens[-n:])) if len(tokens) >= n else None
+            if start is not None:
+                return tokens[start:start + limit]
+        return []
+
+
+class DraftModel:
+    """Guesses with a smaller or lower-precision model sharing the target's tokenizer: its greedy continuation. It
+    keeps a KV cache of the stream, which follows the stream's tokens: the positions of guesses the target
+    rejected are taken back, and the tokens it has not seen are read in the next proposal's first step."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self._cache: KVCache | None = None
+        self._ids: list[int] = []  # the tokens the cache holds, in order
+        self._confirmed = 0  # of them, those known to be the stream's
+
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
+        limit = min(limit, self.engine.context_length - len(tokens) - 1)
+        if limit < 1:
+            return []
+        same = self._confirmed
+        while same < min(len(self._ids), len(tokens) - 1) and self._ids[same] == tokens[same]:
+            same += 1
+        if self._cache is not None:
+            self._cache.rewind(len(self._ids) - same)
+        logits, self._cache = self.engine.prefill([tokens[same:]], self._cache)
+        drafts = [int(logits[0].argmax())]
+        while len(drafts) < limit:
+            drafts.append(int(self.engine.decode(self._cache, np.array(drafts[-1:]))[0].argmax()))
+        self._ids, self._confirmed = [*tokens, *drafts[:-1]], len(tokens)
+        return drafts
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """What verifying k guesses (k + 1 tokens in one forward) and drafting them cost, in plain decode steps."""
+
+    verify_one: float  # a forward of 2 tokens
+    verify_each: float  # each further token of a forward
+    draft_each: float  # drafting one token
+
+    def of(self, drafts: int) -> float:
+        return self.verify_one + (drafts - 1) * self.verify_each + drafts * self.draft_each
+
+
+class DraftLength:
+    """How many tokens one stream drafts next: the length whose expected tokens per unit of time are the most."""
+
+    def __init__(self, costs: StepCosts) -> None:
+        self.costs = costs
+        self.accepted, self.tried = PRIOR  # decayed counts of guesses kept, and of guesses judged
+        self.idle = 0  # plain steps since the stream last drafted
+
+    def next(self, limit: int) -> int:
+        """With acceptance rate a per guess, k guesses yield 1 + a + ... + a^k tokens for costs.of(k) steps."""
+        rate, expected = self.accepted / self.tried, 1.0
+        best, best_value = 0, 1.0  # a plain step: one token for one step
+        for drafts in range(1, min(limit, MAX_DRAFT_TOKENS) + 1):
+            expected += rate ** drafts
+            if (value := expected / self.costs.of(drafts)) > best_value:
+                best, best_value = drafts, value
+        if best == 0 and limit >= 1:
+            self.idle += 1
+            if self.idle >= PROBE_STEPS:  # the content may have changed: try one guess
+                best = 1
+        return best
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A verification kept `accepted` of `drafted` guesses: those, and the first rejected one, were judged."""
+        self.idle = 0
+        self.accepted = self.accepted * EVIDENCE_DECAY + accepted
+        self.tried = self.tried * EVIDENCE_DECAY + accepted + (accepted < drafted)
+
+
+class Speculator:
+    """The scheduler's speculative decoding: a drafter and a draft length per stream, created on its first use and
+    forgotten when the stream ends. Only the engine thread uses it."""
+
+    def __init__(self, new_drafter: Callable[[], Drafter], costs: StepCosts, name: str) -> None:
+        self.new_drafter, self.costs, self.name = new_drafter, costs, name
+        self._streams: dict[Hashable, tuple[Drafter, DraftLength]] = {}
+
+    def draft(self, stream: Hashable, tokens: list[int], limit: int) -> list[int]:
+        """The guesses to verify after `tokens` (none: decode plainly); at most `limit`."""
+        if stream not in self._streams:
+            self._streams[stream] = (self.new_drafter(), DraftLength(self.costs))
+        drafter, length = self._streams[stream]
+        wanted = length.next(limit)
+        return drafter.propose(tokens, wanted) if wanted else []
+
+    def record(self, stream: Hashable, drafted: int, accepted: int) -> None:
+        if stream in self._streams:  # not when the verification ended the stream
+            self._streams[stream][1].record(drafted, accepted)
+
+    def forget(self, stream: Hashable) -> None:
+        self._streams.pop(stream, None)
+
+
+def check_mode(mode: str) -> str | None:
+    """What is wrong with a --speculative value, or None."""
+    if mode in ("off", "ngram"):
+        return None
+    if mode.startswith("draft:"):
+        folder = Path(mode.removeprefix("draft:"))
+        return None if folder.is_dir() else f"{mode}: {folder} is not an artifact folder"
+    return f"{mode!r}; allowed {SPECULATIVE_MODES}"
+
+
+def create_speculator(mode: str, engine) -> Speculator | None:
+    """The speculator a --speculative value asks for, its costs measured on this machine (about a second)."""
+    if mode == "off":
+        return None
+    if mode == "ngram":
+        return Speculator(PromptLookup, measure_costs(engine), mode)
+    draft = engine.load_beside(Path(mode.removeprefix("draft:")))
+    if draft.tokenizer.vocabulary() != engine.tokenizer.vocabulary() or draft.vocab_size > engine.vocab_size:
+        raise ConfigError("speculative", f"{mode}: the draft model's tokenizer is not the served model's; a "
+                                         "draft must share it")
+    return Speculator(lambda: DraftModel(draft), measure_costs(engine, draft), f"draft:{draft.manifest.model.name}")
+
+
+CALIBRATION_TOKENS = 128  # a short past: the positions' share of a step's cost is small on the default model
+CALIBRATION_REPEATS = 5
+
+
+def measure_costs(engine, draft=None) -> StepCosts:
+    """Median times of a decode step and of forwards of 2 and MAX_DRAFT_TOKENS + 1 tokens over the same past, and
+    of the draft model's decode step: the cost model DraftLength weighs guesses with."""
+    decode = _median_seconds(engine, 1)
+    two, most = _median_seconds(engine, 2), _median_seconds(engine, MAX_DRAFT_TOKENS + 1)
+    return StepCosts(verify_one=two / decode, verify_each=(most - two) / (MAX_DRAFT_TOKENS - 1) / decode,
+                     draft_each=_median_seconds(draft, 1) / decode if draft is not None else 0.0)
+
+
+def _median_seconds(engine, tokens: int) -> float:
+    ids = np.arange(CALIBRATION_TOKENS) % engine.vocab_size
+    _, cache = engine.prefill([ids.tolist()])
+    cache.reserve(CALIBRATION_TOKENS + MAX_DRAFT_TOKENS + 1)
+    times = []
+    for _ in range(CALIBRATION_REPEATS):
+        started = time.perf_counter()
+        engine.verify(cache, ids[:tokens].tolist())
+        times.append(time.perf_counter() - started)
+        cache.rewind(tokens)
+    return float(np.median(times))
