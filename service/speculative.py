@@ -183,27 +183,26 @@ def create_speculator(mode: str, engine) -> Speculator | None:
     return Speculator(lambda: DraftModel(draft), measure_costs(engine, draft), f"draft:{draft.manifest.model.name}")
 
 
-CALIBRATION_TOKENS = 128  # a short past: the positions' share of a step's cost is small on the default model
-CALIBRATION_REPEATS = 5
+CALIBRATION_TOKENS = 256  # the past the forwards are timed over
+CALIBRATION_ROUNDS = 7
 
 
 def measure_costs(engine, draft=None) -> StepCosts:
-    """Median times of a decode step and of forwards of 2 and MAX_DRAFT_TOKENS + 1 tokens over the same past, and
-    of the draft model's decode step: the cost model DraftLength weighs guesses with."""
-    decode = _median_seconds(engine, 1)
-    two, most = _median_seconds(engine, 2), _median_seconds(engine, MAX_DRAFT_TOKENS + 1)
+    """Median times of a decode step and of forwards of 2 and MAX_DRAFT_TOKENS + 1 tokens over the same past (taken
+    in turn, round after round, so a busy moment weighs on all alike), and of the draft model's decode step: the
+    cost model DraftLength weighs guesses with."""
+    past = min(CALIBRATION_TOKENS, *(each.context_length - MAX_DRAFT_TOKENS - 1 for each in (engine, draft) if each))
+    ids = (np.arange(past) % engine.vocab_size).tolist()
+    engines = [engine, engine, engine] + ([draft] if draft is not None else [])
+    widths = [1, 2, MAX_DRAFT_TOKENS + 1, 1]
+    caches = [each.prefill([ids])[1] for each in engines]
+    times: list[list[float]] = [[] for _ in engines]
+    for _ in range(CALIBRATION_ROUNDS):
+        for engine, cache, width, taken in zip(engines, caches, widths, times):
+            started = time.perf_counter()
+            engine.verify(cache, ids[:width])
+            taken.append(time.perf_counter() - started)
+            cache.rewind(width)
+    decode, two, most, *drafting = (float(np.median(taken)) for taken in times)
     return StepCosts(verify_one=two / decode, verify_each=(most - two) / (MAX_DRAFT_TOKENS - 1) / decode,
-                     draft_each=_median_seconds(draft, 1) / decode if draft is not None else 0.0)
-
-
-def _median_seconds(engine, tokens: int) -> float:
-    ids = np.arange(CALIBRATION_TOKENS) % engine.vocab_size
-    _, cache = engine.prefill([ids.tolist()])
-    cache.reserve(CALIBRATION_TOKENS + MAX_DRAFT_TOKENS + 1)
-    times = []
-    for _ in range(CALIBRATION_REPEATS):
-        started = time.perf_counter()
-        engine.verify(cache, ids[:tokens].tolist())
-        times.append(time.perf_counter() - started)
-        cache.rewind(tokens)
-    return float(np.median(times))
+                     draft_each=drafting[0] / decode if drafting else 0.0)
