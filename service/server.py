@@ -47,8 +47,8 @@ from gptserve.service.errors import ConfigError, NotServing, StalledReader, Unau
 from gptserve.service.http_api import HttpServer, OpenAIFrontend, start_http
 from gptserve.service.metrics import Metrics
 from gptserve.service.prefix_cache import PREFIX_CACHE_MB, PrefixCache
-from gptserve.service.speculative import check_mode, create_speculator
 from gptserve.service.scheduler import PREFILL_CHUNK_TOKENS, PREFILL_STEP_SECONDS, BatchEngine, RequestHandle, Scheduler
+from gptserve.service.speculative import check_mode, create_speculator
 from gptserve.service.tracing import RequestTracer, otlp_provider
 from gptserve.v1 import generation_pb2 as pb
 from gptserve.v1 import generation_pb2_grpc as pb_grpc

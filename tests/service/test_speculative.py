@@ -88,6 +88,10 @@ def prompts(default_engine) -> list[list[int]]:
     return ids + plain
 
 
+def plain(engine, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    return solo_greedy(engine, prompt, new_tokens, ignore_eos=True).token_ids
+
+
 def generated(client, prompt: list[int], new_tokens: int = NEW_TOKENS, **sampling) -> list[int]:
     request = build_request(prompt_token_ids=prompt, max_new_tokens=new_tokens, ignore_eos=True, **sampling)
     return [token.id for token in client.stub.Generate(request, timeout=120).choices[0].tokens]
@@ -96,7 +100,7 @@ def generated(client, prompt: list[int], new_tokens: int = NEW_TOKENS, **samplin
 def test_greedy_tokens_are_plain_decoding_s_over_many_prompts(default_engine, prompts):
     with running_server(default_engine, speculative="ngram") as (server, client):
         for prompt in prompts:
-            assert generated(client, prompt) == solo_greedy(default_engine, prompt, NEW_TOKENS, ignore_eos=True).token_ids
+            assert generated(client, prompt) == plain(default_engine, prompt)
         drafted = server.metrics.value("gptserve_speculative_draft_tokens_total")
         accepted = server.metrics.value("gptserve_speculative_accepted_tokens_total")
         assert accepted > 2 * NEW_TOKENS and 0 < accepted < drafted  # guesses were kept, and some were not
@@ -130,7 +134,7 @@ def test_streams_that_join_and_leave_a_speculating_one_equal_their_solo_runs(def
         batched = server.metrics.value("gptserve_batch_size_sum") - server.metrics.value("gptserve_batch_size_count")
         assert batched > 0  # some steps did run several streams together
     for index, prompt in enumerate(chosen):
-        assert results[index] == solo_greedy(default_engine, prompt, lengths[index], ignore_eos=True).token_ids
+        assert results[index] == plain(default_engine, prompt, lengths[index])
 
 
 def test_seeded_sampling_draws_the_tokens_it_draws_without_speculation(default_engine, prompts):
@@ -149,7 +153,7 @@ def test_a_draft_artifact_gives_plain_decoding_s_tokens(default_engine, prompts,
     folder = request.getfixturevalue(draft)
     with running_server(default_engine, speculative=f"draft:{folder}") as (server, client):
         for prompt in prompts[:3]:
-            assert generated(client, prompt) == solo_greedy(default_engine, prompt, NEW_TOKENS, ignore_eos=True).token_ids
+            assert generated(client, prompt) == plain(default_engine, prompt)
         assert server.metrics.value("gptserve_speculative_draft_tokens_total") > 0
 
 
@@ -243,7 +247,7 @@ def test_a_failed_verification_fails_only_its_stream(tiny_engine):
             scheduler.stop()
 
     after, active, streams = asyncio.run(scenario())
-    assert after == solo_greedy(tiny_engine, prompt, 12, ignore_eos=True).token_ids
+    assert after == plain(tiny_engine, list(prompt), 12)
     assert active == 0 and streams == {}
 
 
