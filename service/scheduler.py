@@ -556,9 +556,7 @@ class Scheduler:
         self.speculator.record(handle, len(drafts), accepted)
         self.metrics.speculative_drafted.inc(len(drafts))
         self.metrics.speculative_accepted.inc(accepted)
-        drafted = self.metrics.value("gptserve_speculative_draft_tokens_total")
-        self.metrics.speculative_acceptance.set(self.metrics.value("gptserve_speculative_accepted_tokens_total")
-                                                / drafted)
+        self.metrics.speculative_acceptance.set(self.speculator.accepted / self.speculator.drafted)
         return True
 
     def _step_failed(self) -> None:

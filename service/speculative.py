@@ -143,6 +143,7 @@ class Speculator:
     def __init__(self, new_drafter: Callable[[], Drafter], costs: StepCosts, name: str) -> None:
         self.new_drafter, self.costs, self.name = new_drafter, costs, name
         self._streams: dict[Hashable, tuple[Drafter, DraftLength]] = {}
+        self.drafted = self.accepted = 0  # guesses verified, and kept, since the start
 
     def draft(self, stream: Hashable, tokens: list[int], limit: int) -> list[int]:
         """The guesses to verify after `tokens` (none: decode plainly); at most `limit`."""
@@ -153,6 +154,7 @@ class Speculator:
         return drafter.propose(tokens, wanted) if wanted else []
 
     def record(self, stream: Hashable, drafted: int, accepted: int) -> None:
+        self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted
         if stream in self._streams:  # not when the verification ended the stream
             self._streams[stream][1].record(drafted, accepted)
 
