@@ -299,7 +299,11 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     if args.target:
         if len(args.protocol) != 1:
             return fail("--target: name the one --protocol it speaks (grpc or openai)")
+        if args.genai:
+            return fail("--genai: measured beside an artifact in this process, not with --target")
         return run_bench_target(args)
+    if args.genai and not (Path(args.genai) / "genai_config.json").is_file():
+        return fail(f"--genai {args.genai}: no genai_config.json there; give an onnxruntime-genai model folder")
     return run_bench(ensure_artifact(args.artifacts, args.model), args)
 
 
@@ -406,6 +410,8 @@ def add_service_commands(commands) -> None:
     bench.add_argument("--rounds", type=int, default=2, help="requests per stream at each concurrency")
     bench.add_argument("--repeats", type=int, default=3, help="times every path is measured, in turn (medians)")
     bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    bench.add_argument("--genai", help="an onnxruntime-genai model folder of the same model (as `gptserve bench` "
+                                       "builds into bench-results/cache/genai-fp32): measured beside, in process")
     bench.add_argument("--json", help="also write the figures to this JSON file")
     bench.set_defaults(run=run_bench_serve)
 

@@ -6,6 +6,8 @@ The ways to run the same requests, one after the other so they never share the C
   scheduler  the server's own scheduler in this process, without gRPC: what batching gives
   grpc       a real `gptserve serve` child process, called over a local gRPC channel: what clients see
   openai     the same child process, called over HTTP (streamed /v1/completions)
+  genai      with --genai DIR: onnxruntime-genai in this process on its own export of the model, the streams as
+             one batch (it has no continuous batching; prompts cut to the batch's shortest): the peer to beat
 With --target, only the served figures of a server already running elsewhere (behind nginx, over TLS, with a
 token): what a deployment gives. Each request ignores EOS, so every stream produces exactly --max-new-tokens
 tokens.
@@ -90,6 +92,19 @@ def summarise(path: str, streams: int, records: list[StreamRecord], seconds: flo
 
 def prompt_for(stream: int, round_number: int, streams: int) -> str:
     return PROMPTS[(stream + round_number * streams) % len(PROMPTS)]
+
+
+def bench_genai(runner, tokenizer, streams: int, rounds: int, max_new_tokens: int) -> Figures:
+    """onnxruntime-genai (bench/runners.py's GenaiRunner): each round one batch of `streams` rows."""
+    records = []
+    started = time.perf_counter()
+    for round_number in range(rounds):
+        ids = [tokenizer.encode(prompt_for(stream, round_number, streams)) for stream in range(streams)]
+        width = min(map(len, ids))
+        sent = time.perf_counter()
+        stamps, _tokens = runner.decode(np.array([row[:width] for row in ids], dtype=np.int64), max_new_tokens)
+        records += [StreamRecord(sent, stamps) for _ in range(streams)]
+    return summarise("genai", streams, records, time.perf_counter() - started)
 
 
 def bench_engine_loop(engine, rounds: int, max_new_tokens: int) -> Figures:
@@ -293,6 +308,12 @@ def run_bench(folder: Path, args) -> int:
     print(f"requests: greedy, EOS ignored, {args.max_new_tokens} new tokens each, {args.rounds} per stream, "
           f"prompts of {min(map(len, PROMPTS))}-{max(map(len, PROMPTS))} characters", flush=True)
     bench_engine_loop(engine, 1, 8)  # warm-up
+    genai = None
+    if args.genai:
+        from gptserve.bench.runners import GenaiRunner
+
+        genai = GenaiRunner(args.genai, args.threads or os.cpu_count() or 1)
+        bench_genai(genai, engine.tokenizer, 1, 1, 8)  # warm-up
     port, http_port, slots = free_port(), free_port(), str(max(args.concurrency))
     server = start_server(folder, port, "--http-port", str(http_port), "--max-batch-size", slots, "--max-queue",
                           slots, *(["--threads", str(args.threads)] if args.threads else []))
@@ -306,6 +327,8 @@ def run_bench(folder: Path, args) -> int:
                     figures.append(bench_engine_loop(engine, args.rounds, args.max_new_tokens))
                 figures.append(asyncio.run(_scheduler_streams(engine, streams, args.rounds, args.max_new_tokens)))
                 figures += _served(targets, args, streams)
+                if genai is not None:
+                    figures.append(bench_genai(genai, engine.tokenizer, streams, args.rounds, args.max_new_tokens))
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
@@ -313,7 +336,7 @@ def run_bench(folder: Path, args) -> int:
 
 
 def report(runs: list[Figures], args) -> int:
-    order = {"engine": 0, "scheduler": 1, "grpc": 2, "openai": 3}
+    order = {"engine": 0, "scheduler": 1, "grpc": 2, "openai": 3, "genai": 4}
     grouped: dict[tuple[str, int], list[Figures]] = {}
     for run in runs:
         grouped.setdefault((run.path, run.streams), []).append(run)
@@ -332,6 +355,11 @@ def report(runs: list[Figures], args) -> int:
         if (path, 8) in by_key:
             print(f"8 streams over {name}: {by_key[(path, 8)].tokens_per_second / one:.2f}x the aggregate tokens/s "
                   "of one (target: at least 4x)")
+        for streams in args.concurrency:
+            served, peer = by_key.get((path, streams)), by_key.get(("genai", streams))
+            if served and peer:
+                print(f"{streams} streams over {name}: {served.tokens_per_second / peer.tokens_per_second:.2f}x "
+                      "onnxruntime-genai in process (target: at least 1.0)")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(item) for item in figures], indent=2) + "\n")
     return 0

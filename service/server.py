@@ -96,7 +96,7 @@ class ServerConfig:
     grace_seconds: float = setting(10.0, 0.0)  # streams in flight get this long to finish on shutdown
     stats_seconds: float = setting(10.0, 0.0)  # a log line of throughput and load this often while busy; 0: never
     otlp_endpoint: str | None = None  # OpenTelemetry traces to this OTLP/gRPC collector (service/tracing.py)
-    speculative: str = "off"  # ngram, draft:DIR or off (service/speculative.py)
+    speculative: str = "ngram"  # ngram, draft:DIR or off (service/speculative.py)
 
     def __post_init__(self) -> None:
         for item in fields(self):

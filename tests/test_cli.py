@@ -59,6 +59,9 @@ def port_in_use():
     (["serve", "--port", "0", "--auth-token-file", "/nonexistent/token"], ["--auth-token-file", "/nonexistent/token"]),
     (["serve", "--port", "0", "--artifacts", "/nonexistent"], ["/nonexistent", "no such folder"]),
     (["serve", "--port", "0", "--max-batch-size", "0"], ["--max-batch-size", "0"]),
+    (["serve", "--port", "0", "--speculative", "sometimes"], ["--speculative", "'sometimes'", "ngram"]),
+    (["serve", "--port", "0", "--speculative", "draft:/nonexistent"], ["--speculative", "not an artifact folder"]),
+    (["bench-serve", "--genai", "/nonexistent"], ["--genai /nonexistent", "genai_config.json"]),
 ])
 def test_a_mistake_is_one_line_and_status_2(arguments, words, tmp_path):
     export_output = str(tmp_path / "out")  # never created: an export that starts writes nowhere it should not
