@@ -13,7 +13,8 @@ opposite order every other round), and the figures are medians over --rounds:
   off          `gptserve serve --speculative off`
   ngram        `--speculative ngram`: prompt lookup
   draft        `--speculative draft:DIR`, with --draft DIR
-  genai-fp32   onnxruntime-genai in this process, on its model builder's fp32 export (built once into --cache)
+  genai-fp32   onnxruntime-genai in this process, on its model builder's export at the artifact's precision (fp32,
+               or genai-int4 for an int4 artifact; built once into --cache)
   llama.cpp    llama-cpp-python's prompt lookup decoding on the default Q4_1 GGUF, where llama_cpp imports (from
                this environment, or where `gptserve bench` compiled it into --cache)
 
@@ -150,12 +151,14 @@ def start_ours(args, stack: ExitStack) -> list[System]:
     return systems
 
 
-def genai(cache: Path, threads: int) -> System | None:
+def genai(cache: Path, threads: int, precision: str) -> System | None:
+    """onnxruntime-genai on its own build at the artifact's precision (fp32, or int4 for an int4 artifact)."""
+    precision = "int4" if precision == "int4" else "fp32"
     try:
-        runner = GenaiRunner(str(prepare.genai_model(cache, "fp32")), threads)
+        runner = GenaiRunner(str(prepare.genai_model(cache, precision)), threads)
     except Exception as error:  # not built or not loadable: the bench goes on without it
         first_line = str(error).partition("\n")[0]  # a failed build's message goes on with its log's tail
-        print(f"genai-fp32: left out ({type(error).__name__}: {first_line})", flush=True)
+        print(f"genai-{precision}: left out ({type(error).__name__}: {first_line})", flush=True)
         return None
 
     def generate(ids: list[int], new_tokens: int) -> Run:
@@ -163,7 +166,7 @@ def genai(cache: Path, threads: int) -> System | None:
         stamps, tokens = runner.decode(np.array([ids], dtype=np.int64), new_tokens)
         return Run(sent, stamps, tokens[0].tolist())
 
-    return System("genai-fp32", generate)
+    return System(f"genai-{precision}", generate)
 
 
 def llama_cpp(cache: Path, threads: int) -> System | None:
@@ -206,7 +209,7 @@ def table(workload: str, prompt: int, systems: list[System], runs: dict,
     """The workload's table, its summary line, and a MISMATCH line per system of ours whose tokens are not off's."""
     median = lambda name, rate: statistics.median(getattr(run, rate)() for run in runs[name, workload])
     decode = {system.name: median(system.name, "decode_rate") for system in systems}
-    genai_rate = decode.get("genai-fp32")
+    genai_rate = next((rate for name, rate in decode.items() if name.startswith("genai-")), None)
     lines = [f"{workload} ({prompt}-token prompt)",
              f"  {'system':<11} {'decode tok/s':>12} {'e2e tok/s':>9} {'vs off':>7} {'vs genai':>8} "
              f"{'accepted':>8} {'same tokens':>11}"]
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         systems = start_ours(args, stack)
-        systems += [system for system in (genai(args.cache, threads), llama_cpp(args.cache, threads)) if system]
+        peers = (genai(args.cache, threads, manifest["precision"]), llama_cpp(args.cache, threads))
+        systems += [system for system in peers if system]
         for system in systems:  # warm-up: first allocations and lazy initialisation are not timed
             system.generate(prompts["story"], 8)
         runs: dict[tuple[str, str], list[Run]] = defaultdict(list)

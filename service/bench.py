@@ -4,7 +4,8 @@ OpenAI-compatible HTTP API, side by side with the same engine driven in this pro
 The ways to run the same requests, one after the other so they never share the CPU:
   engine     the bare generate loop on the engine (one stream only): the ceiling for one stream
   scheduler  the server's own scheduler in this process, without gRPC: what batching gives
-  grpc       a real `gptserve serve` child process, called over a local gRPC channel: what clients see
+  grpc       a real `gptserve serve` child process (without speculative decoding, so that every path does the
+             same work), called over a local gRPC channel: what clients see
   openai     the same child process, called over HTTP (streamed /v1/completions)
   genai      with --genai DIR: onnxruntime-genai in this process on its own export of the model, the streams as
              one batch (it has no continuous batching; prompts cut to the batch's shortest): the peer to beat
@@ -315,8 +316,10 @@ def run_bench(folder: Path, args) -> int:
         genai = GenaiRunner(args.genai, args.threads or os.cpu_count() or 1)
         bench_genai(genai, engine.tokenizer, 1, 1, 8)  # warm-up
     port, http_port, slots = free_port(), free_port(), str(max(args.concurrency))
+    # No speculation: every path does the same work, so the figures say what serving costs (the speculative
+    # decoding bench is bench/speculative.py).
     server = start_server(folder, port, "--http-port", str(http_port), "--max-batch-size", slots, "--max-queue",
-                          slots, *(["--threads", str(args.threads)] if args.threads else []))
+                          slots, "--speculative", "off", *(["--threads", str(args.threads)] if args.threads else []))
     targets = {protocol: Target(address) for protocol, address in
                (("grpc", f"127.0.0.1:{port}"), ("openai", f"127.0.0.1:{http_port}")) if protocol in args.protocol}
     figures: list[Figures] = []
