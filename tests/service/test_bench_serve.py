@@ -47,10 +47,14 @@ def test_bench_serve_measures_a_running_server(tiny_engine, tmp_path, protocol):
 
 
 def test_bench_serve_side_by_side_on_an_artifact(tiny_artifact, tmp_path):
-    done = bench_serve("--artifacts", str(tiny_artifact), "--json", str(tmp_path / "figures.json"))
+    """With onnxruntime-genai beside (an artifact is also a genai model folder: it has a genai_config.json)."""
+    pytest.importorskip("onnxruntime_genai")
+    done = bench_serve("--artifacts", str(tiny_artifact), "--genai", str(tiny_artifact), "--json",
+                       str(tmp_path / "figures.json"))
     assert done.returncode == 0, done.stderr
     measured = figures(tmp_path / "figures.json")
-    assert set(measured) == {("engine", 1), *((path, streams) for path in ("scheduler", "grpc", "openai")
+    assert set(measured) == {("engine", 1), *((path, streams) for path in ("scheduler", "grpc", "openai", "genai")
                                                 for streams in (1, 2))}
     assert all(item["tokens"] == 4 * item["streams"] for item in measured.values())
     assert "one stream over HTTP" in done.stdout and "one stream over gRPC" in done.stdout
+    assert "2 streams over gRPC" in done.stdout and "onnxruntime-genai in process" in done.stdout
