@@ -61,6 +61,9 @@ CODE_LINES = 200
 RENAMED = ("RequestHandle", "StreamHandle")  # a class the first CODE_LINES lines of the scheduler define and use
 QUESTION = "What did the letter from the harbour office say, and what did the keeper do with it?"
 STORY_TARGET = 0.97  # ngram over off's decode tok/s where there is nothing to copy
+# Between runs: the last system's idle threads (ONNX Runtime's and llama.cpp's spin a while) must not take the
+# next one's cores.
+SETTLE_SECONDS = 0.5
 COUNTERS = ("gptserve_speculative_draft_tokens_total", "gptserve_speculative_accepted_tokens_total")
 
 
@@ -184,8 +187,9 @@ def llama_cpp(cache: Path, threads: int) -> System | None:
 
     # No repacked weight buffers where the binding lets us say so: see runners.LlamaCppRunner.
     options = {"use_extra_bufts": False} if "use_extra_bufts" in inspect.signature(Llama).parameters else {}
+    # logits_all: verifying guesses reads every position's logits (its scores buffer is otherwise n_batch rows).
     llm = Llama(str(fetch_default_gguf()), n_ctx=8192, n_threads=threads, n_threads_batch=threads, verbose=False,
-                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), **options)
+                logits_all=True, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10), **options)
 
     def generate(ids: list[int], new_tokens: int) -> Run:
         llm.reset()  # no reuse of the last run's prompt: every run prefills, as ours do
@@ -285,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(args.rounds):
             for workload, ids in prompts.items():
                 for system in systems if round_number % 2 == 0 else systems[::-1]:
+                    time.sleep(SETTLE_SECONDS)
                     before = speculation_counts(system)
                     runs[system.name, workload].append(system.generate(ids, args.new_tokens))
                     counts[system.name, workload] += speculation_counts(system) - before

@@ -32,6 +32,21 @@ def provider_options(providers: list[str], device_id: int, gpu_mem_limit: int | 
     return [cuda if name == "CUDAExecutionProvider" else {} for name in providers]
 
 
+_shared_threads = False
+
+
+def share_threads(threads: int | None) -> None:
+    """Every session this process creates from now on runs on one intra-op thread pool of `threads` (default: the
+    cores). For a draft model beside the served one: two sessions taking turns on the same cores with a pool each
+    steal each other's cores (idle pool threads spin), which doubled a draft step and a verification here. Call it
+    before the process's first session: ONNX Runtime sizes its global pools when it creates its environment."""
+    global _shared_threads
+    from onnxruntime.capi import _pybind_state
+
+    _pybind_state.set_global_thread_pool_sizes(threads or os.cpu_count() or 1, 1)
+    _shared_threads = True
+
+
 def create_session(
     graph_path: str | Path,
     provider: str = "auto",
@@ -40,12 +55,15 @@ def create_session(
     gpu_mem_limit: int | None = None,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
+    if _shared_threads:
+        options.use_per_session_threads = False  # the process's pool (share_threads), sized there
+    else:
+        # One decode step is small: threads equal to the cores, no spinning between ops of different sizes.
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
     # ALL adds the layout and fusion passes that measurably speed up the CPU decode step; parity is checked
     # on this same setting by the certification and the engine's start-up canary.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # One decode step is small: threads equal to the cores, no spinning between ops of different sizes.
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
-    options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
     providers = choose_providers(provider)

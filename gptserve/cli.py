@@ -268,6 +268,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # The default model only when no folder is named: a folder alone is served as it is, or refused.
     model = args.model or (None if args.artifacts else DEFAULT_MODEL)
     folder = ensure_artifact(args.artifacts, model, args.precision or default_precision(args.provider))
+    if config.speculative.startswith("draft:"):  # two models take turns on the cores: one pool for both
+        from gptserve.export.runtime import share_threads
+
+        share_threads(args.threads)
     load = lambda: Engine.load(folder, args.provider, args.threads, args.device_id, args.gpu_mem_limit or None)
     return asyncio.run(serve(config, load))  # a ConfigError here: the port was taken between the check and the bind
 
