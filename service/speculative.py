@@ -20,6 +20,7 @@ fail stops drafting and tries one token every PROBE_STEPS steps, so a workload t
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ import numpy as np
 
 from gptserve.service.errors import ConfigError
 from gptserve.service.kv_cache import KVCache
+
+log = logging.getLogger("gptserve.speculative")
 
 MAX_DRAFT_TOKENS = 16  # one verification of 17 tokens costs ~2.5 decode steps on 2 cores (README)
 PROBE_STEPS = 16  # plain steps between single-token tries of a stream that stopped drafting
@@ -64,6 +67,11 @@ class PromptLookup:
             start = self._next.get(tuple(tokens[-n:])) if len(tokens) >= n else None
             if start is not None:
                 return tokens[start:start + limit]
+        return []
+
+
+class NoGuesses:
+    def propose(self, tokens: list[int], limit: int) -> list[int]:
         return []
 
 
@@ -146,12 +154,18 @@ class Speculator:
         self.drafted = self.accepted = 0  # guesses verified, and kept, since the start
 
     def draft(self, stream: Hashable, tokens: list[int], limit: int) -> list[int]:
-        """The guesses to verify after `tokens` (none: decode plainly); at most `limit`."""
+        """The guesses to verify after `tokens` (none: decode plainly); at most `limit`. A drafter that fails (a
+        draft model's runtime error) is the stream's no more: guesses are optional, the stream goes on without."""
         if stream not in self._streams:
             self._streams[stream] = (self.new_drafter(), DraftLength(self.costs))
         drafter, length = self._streams[stream]
         wanted = length.next(limit)
-        return drafter.propose(tokens, wanted) if wanted else []
+        try:
+            return drafter.propose(tokens, wanted) if wanted else []
+        except Exception:
+            log.exception("the %s drafter failed; this stream goes on without guesses", self.name)
+            self._streams[stream] = (NoGuesses(), length)
+            return []
 
     def record(self, stream: Hashable, drafted: int, accepted: int) -> None:
         self.drafted, self.accepted = self.drafted + drafted, self.accepted + accepted

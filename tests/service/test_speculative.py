@@ -265,3 +265,23 @@ def test_a_cancelled_speculating_stream_frees_its_slot(default_engine, prompts):
                 break
             threading.Event().wait(0.01)
         assert scheduler.active_count == 0 and scheduler.speculator._streams == {}
+
+
+def test_a_failing_draft_model_leaves_its_stream_to_decode_plainly(tiny_engine, caplog):
+    """The draft model's runtime fails (fault injection): the stream goes on without guesses, its tokens unchanged."""
+    draft = FaultyVerify(tiny_engine)
+    draft.fail_prefill = True
+    prompt = tuple(tiny_engine.tokenizer.encode("one two three one two three"))
+
+    async def scenario():
+        speculator = Speculator(lambda: DraftModel(draft), FREE, "draft")
+        scheduler = Scheduler(tiny_engine, Metrics(), speculator=speculator)
+        scheduler.start()
+        try:
+            handle = scheduler.submit(GenerationRequest("r", prompt, SamplingParams(), StoppingParams(12, (), True)))
+            return [event.id async for events, _ in handle.updates() for event in events]
+        finally:
+            scheduler.stop()
+
+    assert asyncio.run(scenario()) == plain(tiny_engine, list(prompt), 12)
+    assert "the draft drafter failed" in caplog.text
