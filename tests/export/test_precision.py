@@ -15,6 +15,7 @@ from gptserve.export.quantize import split_lm_head, untie_lm_head
 from gptserve.export.runtime import create_session
 from gptserve.model.generation import Sequence, StoppingParams, generate
 from gptserve.service.engine import Engine
+from gptserve.service.speculative import SAME_LOGITS, create_speculator, forward_difference
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,9 @@ def test_default_model_int4_meets_the_shipped_thresholds(default_gguf, tmp_path)
     report = manifest.parity
     assert report.passed and report.criteria == QUALITY_CRITERIA["int4"]
     assert "quantized_twice" in manifest.quantization  # GGUF Q4_1 source, quantized again
+    # Its forward of several tokens computes in other arithmetic than its one-token step: no speculation on it.
+    engine = Engine.load(tmp_path / "int4", provider="cpu")
+    assert forward_difference(engine) > SAME_LOGITS and create_speculator("ngram", engine) is None
 
 
 def test_split_lm_head_computes_the_same_logits(tiny_artifact, tmp_path):

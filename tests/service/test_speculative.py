@@ -27,11 +27,13 @@ from gptserve.service.server import ServerConfig
 from gptserve.service.speculative import (
     MAX_DRAFT_TOKENS,
     PROBE_STEPS,
+    SAME_LOGITS,
     DraftLength,
     DraftModel,
     PromptLookup,
     Speculator,
     StepCosts,
+    forward_difference,
 )
 from tests.service.support import collect, running_server, solo_greedy
 from tests.service.test_faults import FaultyEngine
@@ -62,6 +64,10 @@ def test_draft_length_follows_the_acceptance_rate_and_probes_after_failures():
     length.record(1, 0)
     assert length.next(100) == 0  # the probe failed: quiet again
     assert DraftLength(StepCosts(1.2, 0.08, draft_each=2.0)).next(100) == 0  # a draft dearer than it saves
+
+
+def test_an_fp32_forward_of_several_tokens_gives_the_logits_of_one_token_steps(default_engine):
+    assert forward_difference(default_engine) <= SAME_LOGITS
 
 
 def test_a_speculative_mode_is_checked():
