@@ -291,3 +291,41 @@ def test_a_failing_draft_model_leaves_its_stream_to_decode_plainly(tiny_engine, 
 
     assert asyncio.run(scenario()) == plain(tiny_engine, list(prompt), 12)
     assert "the draft drafter failed" in caplog.text
+
+
+def test_every_way_of_choosing_a_token_is_plain_decoding_s(default_engine, prompts):
+    """Penalties, a logit bias, a stop string, min_tokens, top logprobs, seeded top-k/top-p sampling and a regex
+    constraint: each request, drafting at every step, gives the tokens, text, log-probabilities and finish reason
+    of the plain generate loop."""
+    from gptserve.model.guidance import Constraint, GrammarCompiler
+
+    grammar = GrammarCompiler(default_engine.tokenizer, default_engine.vocab_size).compile(
+        Constraint("regex", r"The lighthouse keeper[a-z ,.\n]{10,200}"))
+    comma = default_engine.tokenizer.encode(",")[0]
+    cases = [(SamplingParams(repetition_penalty=1.2), StoppingParams(NEW_TOKENS, ignore_eos=True)),
+             (SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, logit_bias=((comma, -5.0),)),
+              StoppingParams(NEW_TOKENS, ignore_eos=True)),
+             (SamplingParams(), StoppingParams(NEW_TOKENS, stop=("great lamp",), min_tokens=4)),
+             (SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7),
+              StoppingParams(NEW_TOKENS, ignore_eos=True)),
+             (SamplingParams(grammar=grammar), StoppingParams(NEW_TOKENS))]
+
+    async def served(sampling, stopping):
+        speculator = Speculator(PromptLookup, FREE, "ngram")
+        scheduler = Scheduler(default_engine, Metrics(), speculator=speculator)
+        scheduler.start()
+        try:
+            handle = scheduler.submit(GenerationRequest("r", tuple(prompts[0]), sampling, stopping, top_logprobs=3))
+            events = [event async for batch, _ in handle.updates() for event in batch]
+            return events, handle.sequence.finish_reason, speculator.accepted
+        finally:
+            scheduler.stop()
+
+    for sampling, stopping in cases:
+        events, reason, accepted = asyncio.run(served(sampling, stopping))
+        sequence = Sequence(default_engine.tokenizer, prompts[0], sampling, stopping, top_logprobs=3)
+        expected = generate(default_engine.step, sequence)
+        assert [event.id for event in events] == expected.token_ids and reason == expected.finish_reason
+        assert "".join(event.text for event in events) == expected.text
+        np.testing.assert_allclose([event.logprob for event in events], expected.logprobs, atol=1e-4)
+        assert accepted > 0  # guesses were kept
