@@ -16,6 +16,7 @@ import pytest
 
 from gptserve.export.parity import CANARY_TEXT
 from gptserve.model.generation import Sequence, StoppingParams, generate
+from gptserve.model.greedy import greedy_tokens
 from gptserve.model.sampling import SamplingParams
 from gptserve.service import kv_cache
 from gptserve.service.api import GenerationRequest
@@ -329,3 +330,21 @@ def test_every_way_of_choosing_a_token_is_plain_decoding_s(default_engine, promp
         assert "".join(event.text for event in events) == expected.text
         np.testing.assert_allclose([event.logprob for event in events], expected.logprobs, atol=1e-4)
         assert accepted > 0  # guesses were kept
+
+
+def test_a_draft_model_reads_a_window_of_the_stream(tiny_engine):
+    """Its cache holds the stream's last tokens only, and starts again from the last window past twice its size;
+    its guesses are the model's greedy continuation of that window."""
+    drafter = DraftModel(tiny_engine)
+    window = drafter.window
+    tokens = [(7 * index) % 5000 + 100 for index in range(window + 40)]
+    guesses = drafter.propose(tokens, 3)
+    assert len(guesses) == 3 and drafter._cache is not None
+    assert int(drafter._cache.lengths[0]) == window + 2  # the window, and the guesses fed back in but the last
+    expected = greedy_tokens(tiny_engine.step, tokens[-window:], 3)[0].tolist()
+    assert guesses == expected
+    tokens += [guesses[0], 42]  # the target kept one guess, then chose 42: the cache follows
+    assert drafter.propose(tokens, 2) == greedy_tokens(tiny_engine.step, tokens[-window - 2:], 2)[0].tolist()
+    longer = tokens + [9] * window  # past twice the window: from the last window again
+    assert drafter.propose(longer, 2) == greedy_tokens(tiny_engine.step, longer[-window:], 2)[0].tolist()
+    assert int(drafter._cache.lengths[0]) == window + 1
