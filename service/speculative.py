@@ -208,12 +208,18 @@ def create_speculator(mode: str, engine) -> Speculator | None:
                     "int8 weights multiply one row and several rows in different arithmetic)", difference, SAME_LOGITS)
         return None
     if mode == "ngram":
-        return Speculator(PromptLookup, measure_costs(engine), mode)
-    draft = engine.load_beside(Path(mode.removeprefix("draft:")))
-    if draft.tokenizer.vocabulary() != engine.tokenizer.vocabulary() or draft.vocab_size > engine.vocab_size:
-        raise ConfigError("speculative", f"{mode}: the draft model's tokenizer is not the served model's; a "
-                                         "draft must share it")
-    return Speculator(lambda: DraftModel(draft), measure_costs(engine, draft), f"draft:{draft.manifest.model.name}")
+        speculator = Speculator(PromptLookup, measure_costs(engine), mode)
+    else:
+        draft = engine.load_beside(Path(mode.removeprefix("draft:")))
+        if draft.tokenizer.vocabulary() != engine.tokenizer.vocabulary() or draft.vocab_size > engine.vocab_size:
+            raise ConfigError("speculative", f"{mode}: the draft model's tokenizer is not the served model's; a "
+                                             "draft must share it")
+        speculator = Speculator(lambda: DraftModel(draft), measure_costs(engine, draft),
+                                f"draft:{draft.manifest.model.name} ({draft.manifest.precision})")
+    costs = speculator.costs
+    log.info("speculative decoding: %s while one stream runs; a verification costs %.2f decode steps and %.3f more "
+             "a guess, drafting %.3f a guess", speculator.name, costs.verify_one, costs.verify_each, costs.draft_each)
+    return speculator
 
 
 # A verification must give the logits plain decoding would: fp32's forward of 8 canary tokens together is within
