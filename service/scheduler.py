@@ -537,7 +537,7 @@ class Scheduler:
         handle = self._running[0]
         sequence = handle.sequence
         limit = sequence.stopping.max_new_tokens - len(sequence.token_ids) - 1  # guesses past the end are waste
-        drafts = self.speculator.draft(handle, [*handle.request.prompt_ids, *sequence.token_ids], limit)
+        drafts = self.speculator.draft(handle, handle.request.prompt_ids, sequence.token_ids, limit)
         if not drafts:
             return False
         self.metrics.batch_size.observe(1)

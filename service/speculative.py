@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -163,15 +163,16 @@ class Speculator:
         self._streams: dict[Hashable, tuple[Drafter, DraftLength]] = {}
         self.drafted = self.accepted = 0  # guesses verified, and kept, since the start
 
-    def draft(self, stream: Hashable, tokens: list[int], limit: int) -> list[int]:
-        """The guesses to verify after `tokens` (none: decode plainly); at most `limit`. A drafter that fails (a
-        draft model's runtime error) is the stream's no more: guesses are optional, the stream goes on without."""
+    def draft(self, stream: Hashable, prompt: Sequence[int], output: list[int], limit: int) -> list[int]:
+        """The guesses to verify after the stream's prompt and output (none: decode plainly); at most `limit`. A
+        drafter that fails (a draft model's runtime error) is the stream's no more: guesses are optional, the
+        stream goes on without."""
         if stream not in self._streams:
             self._streams[stream] = (self.new_drafter(), DraftLength(self.costs))
         drafter, length = self._streams[stream]
         wanted = length.next(limit)
         try:
-            return drafter.propose(tokens, wanted) if wanted else []
+            return drafter.propose([*prompt, *output], wanted) if wanted else []
         except Exception:
             log.exception("the %s drafter failed; this stream goes on without guesses", self.name)
             self._streams[stream] = (NoGuesses(), length)
@@ -257,9 +258,9 @@ def measure_costs(engine, draft=None) -> StepCosts:
     caches = [each.prefill([ids])[1] for each in engines]
     times: list[list[float]] = [[] for _ in engines]
     for _ in range(CALIBRATION_ROUNDS):
-        for engine, cache, width, taken in zip(engines, caches, widths, times):
+        for each, cache, width, taken in zip(engines, caches, widths, times):
             started = time.perf_counter()
-            engine.verify(cache, ids[:width])
+            each.verify(cache, ids[:width])
             taken.append(time.perf_counter() - started)
             cache.rewind(width)
     decode, two, most, *drafting = (float(np.median(taken)) for taken in times)

@@ -95,6 +95,25 @@ def prompts(default_engine) -> list[list[int]]:
     return ids + plain
 
 
+def one_at_a_time(engine, speculator: Speculator, requests, metrics: Metrics | None = None) -> list[tuple]:
+    """Each request through a real Scheduler with `speculator`, one after another, so that each runs alone and
+    speculates: (its token events, its finish reason) each."""
+    async def scenario():
+        scheduler = Scheduler(engine, metrics or Metrics(), speculator=speculator)
+        scheduler.start()
+        try:
+            results = []
+            for request in requests:
+                handle = scheduler.submit(request)
+                events = [event async for batch, _ in handle.updates() for event in batch]
+                results.append((events, handle.sequence.finish_reason))
+            return results
+        finally:
+            scheduler.stop()
+
+    return asyncio.run(scenario())
+
+
 def plain(engine, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     return solo_greedy(engine, prompt, new_tokens, ignore_eos=True).token_ids
 
@@ -191,22 +210,11 @@ def test_sampled_tokens_keep_the_target_s_distribution(tiny_engine):
         return {(token, *rest): p * q for token, p in top(context).items()
                 for rest, q in joint((*context, token), depth - 1).items()}
 
-    async def scenario() -> tuple[Counter, Metrics]:
-        metrics = Metrics()
-        speculator = Speculator(lambda: DraftModel(tiny_engine), FREE, "draft")
-        scheduler = Scheduler(tiny_engine, metrics, speculator=speculator)
-        scheduler.start()
-        try:
-            counts: Counter = Counter()
-            for seed in range(samples):
-                handle = scheduler.submit(GenerationRequest(str(seed), prompt, sampling(seed),
-                                                            StoppingParams(new_tokens, (), True)))
-                counts[tuple([event.id async for events, _ in handle.updates() for event in events])] += 1
-            return counts, metrics
-        finally:
-            scheduler.stop()
-
-    counts, metrics = asyncio.run(scenario())
+    metrics = Metrics()
+    requests = (GenerationRequest(str(seed), prompt, sampling(seed), StoppingParams(new_tokens, (), True))
+                for seed in range(samples))
+    results = one_at_a_time(tiny_engine, Speculator(lambda: DraftModel(tiny_engine), FREE, "draft"), requests, metrics)
+    counts = Counter(tuple(event.id for event in events) for events, _ in results)
     drafted = metrics.value("gptserve_speculative_draft_tokens_total")
     accepted = metrics.value("gptserve_speculative_accepted_tokens_total")
     assert 0.2 * drafted < accepted < 0.8 * drafted  # both ways of the rule ran often
@@ -280,17 +288,9 @@ def test_a_failing_draft_model_leaves_its_stream_to_decode_plainly(tiny_engine, 
     draft.fail_prefill = True
     prompt = tuple(tiny_engine.tokenizer.encode("one two three one two three"))
 
-    async def scenario():
-        speculator = Speculator(lambda: DraftModel(draft), FREE, "draft")
-        scheduler = Scheduler(tiny_engine, Metrics(), speculator=speculator)
-        scheduler.start()
-        try:
-            handle = scheduler.submit(GenerationRequest("r", prompt, SamplingParams(), StoppingParams(12, (), True)))
-            return [event.id async for events, _ in handle.updates() for event in events]
-        finally:
-            scheduler.stop()
-
-    assert asyncio.run(scenario()) == plain(tiny_engine, list(prompt), 12)
+    request = GenerationRequest("r", prompt, SamplingParams(), StoppingParams(12, (), True))
+    [(events, _)] = one_at_a_time(tiny_engine, Speculator(lambda: DraftModel(draft), FREE, "draft"), [request])
+    assert [event.id for event in events] == plain(tiny_engine, list(prompt), 12)
     assert "the draft drafter failed" in caplog.text
 
 
@@ -311,19 +311,11 @@ def test_every_way_of_choosing_a_token_is_plain_decoding_s(default_engine, promp
               StoppingParams(NEW_TOKENS, ignore_eos=True)),
              (SamplingParams(grammar=grammar), StoppingParams(NEW_TOKENS))]
 
-    async def served(sampling, stopping):
-        speculator = Speculator(PromptLookup, FREE, "ngram")
-        scheduler = Scheduler(default_engine, Metrics(), speculator=speculator)
-        scheduler.start()
-        try:
-            handle = scheduler.submit(GenerationRequest("r", tuple(prompts[0]), sampling, stopping, top_logprobs=3))
-            events = [event async for batch, _ in handle.updates() for event in batch]
-            return events, handle.sequence.finish_reason, speculator.accepted
-        finally:
-            scheduler.stop()
-
     for sampling, stopping in cases:
-        events, reason, accepted = asyncio.run(served(sampling, stopping))
+        speculator = Speculator(PromptLookup, FREE, "ngram")
+        request = GenerationRequest("r", tuple(prompts[0]), sampling, stopping, top_logprobs=3)
+        [(events, reason)] = one_at_a_time(default_engine, speculator, [request])
+        accepted = speculator.accepted
         sequence = Sequence(default_engine.tokenizer, prompts[0], sampling, stopping, top_logprobs=3)
         expected = generate(default_engine.step, sequence)
         assert [event.id for event in events] == expected.token_ids and reason == expected.finish_reason
