@@ -192,8 +192,10 @@ def check_mode(mode: str) -> str | None:
     if mode in ("off", "ngram"):
         return None
     if mode.startswith("draft:"):
-        folder = Path(mode.removeprefix("draft:"))
-        return None if folder.is_dir() else f"{mode}: {folder} is not an artifact folder"
+        folder = mode.removeprefix("draft:")
+        if folder and (Path(folder) / "manifest.json").is_file():
+            return None
+        return f"{mode}: {folder or 'no folder'} is not an artifact folder (no manifest.json)"
     return f"{mode!r}; allowed {SPECULATIVE_MODES}"
 
 

@@ -61,6 +61,8 @@ def port_in_use():
     (["serve", "--port", "0", "--max-batch-size", "0"], ["--max-batch-size", "0"]),
     (["serve", "--port", "0", "--speculative", "sometimes"], ["--speculative", "'sometimes'", "ngram"]),
     (["serve", "--port", "0", "--speculative", "draft:/nonexistent"], ["--speculative", "not an artifact folder"]),
+    (["serve", "--port", "0", "--speculative", "draft:"], ["--speculative", "no folder", "no manifest.json"]),
+    (["serve", "--port", "0", "--speculative", "draft:/etc"], ["--speculative", "/etc", "no manifest.json"]),
     (["bench-serve", "--genai", "/nonexistent"], ["--genai /nonexistent", "genai_config.json"]),
 ])
 def test_a_mistake_is_one_line_and_status_2(arguments, words, tmp_path):
