@@ -47,7 +47,7 @@ class StoppingParams:
 class TokenEvent:
     id: int
     text: str  # the text this token releases; "" while it may still begin a stop string
-    logprob: float
+    logprob: float  # NaN for a sequence made without them (with_logprobs False)
     top_logprobs: tuple[tuple[int, float], ...] = ()  # (id, logprob) of the most likely tokens, when asked for
 
 
@@ -64,6 +64,8 @@ class StopStringFilter:
     def feed(self, text: str) -> tuple[str, bool]:
         """The text safe to release now, and whether a stop string was found (text after it is dropped; the
         stop string itself too, unless include_stop). The earliest match wins."""
+        if not self.stops:
+            return text, False
         buffer = self.pending + text
         hits = [(index, stop) for stop in self.stops if (index := buffer.find(stop)) >= 0]
         if hits:
@@ -91,6 +93,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     index: int = 0  # which of a request's n sequences (its own random stream)
     top_logprobs: int = 0  # most likely alternatives reported with each token
+    # Each token's log-probability costs a log-softmax over the vocabulary, more than the greedy choice itself:
+    # the server skips it for a request that does not return them.
+    with_logprobs: bool = True
 
     def __post_init__(self) -> None:
         self.sampler = Sampler(self.sampling, self.index)
@@ -106,7 +111,7 @@ class Sequence:
         # A grammar may end on EOS; ignore_eos keeps it going instead, where the grammar lets it.
         self._never = tuple(self.tokenizer.eos_token_ids) if self.guide and self.stopping.ignore_eos else ()
         # Prompt and output ids, for the repetition penalty; output counts for presence and frequency penalties.
-        self._seen = np.array(self.prompt_ids, dtype=np.int64)
+        self._seen = set(self.prompt_ids)
         self._counts: dict[int, int] = {}
 
     @property
@@ -140,10 +145,10 @@ class Sequence:
         banned = (self._ending_ids if len(self.token_ids) < self.stopping.min_tokens else ()) + self._never
         allowed = self.guide.allowed(len(logits)) if self.guide else None
         token, logprob, alternatives = self.sampler(logits, self._seen, self._counts, banned, self.top_logprobs,
-                                                    allowed)
+                                                    allowed, self.with_logprobs)
         self.token_ids.append(token)
         self.logprobs.append(logprob)
-        self._seen = np.append(self._seen, token)
+        self._seen.add(token)
         self._counts[token] = self._counts.get(token, 0) + 1
         if token in self.eos_ids or token in self.stop_ids:
             self.finish_reason = FinishReason.EOS if token in self.eos_ids else FinishReason.STOP

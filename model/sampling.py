@@ -7,6 +7,7 @@ ranges, so every entry point (gRPC, the command line, a library caller) refuses 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,7 @@ class Sampler:
         self._bias_ids = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
         self._bias = np.array([bias for _, bias in params.logit_bias], dtype=np.float64)
 
-    def adjust(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
+    def adjust(self, logits: np.ndarray, seen_ids: Collection[int], output_counts: dict[int, int] | None = None,
                banned: tuple[int, ...] = (), allowed: np.ndarray | None = None) -> np.ndarray:
         """The logits the choice is made from: repetition penalty (as in CTRL and transformers) over prompt and
         output, presence and frequency penalties (as OpenAI) over the output, logit bias, `banned` ids (-inf) and
@@ -113,7 +114,7 @@ class Sampler:
             return logits.astype(np.float32, copy=False)
         logits = logits.astype(np.float64, copy=True)
         if repeated:
-            seen = np.unique(seen_ids)
+            seen = np.unique(np.fromiter(seen_ids, dtype=np.int64))
             values = logits[seen]
             logits[seen] = np.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
         if counted:
@@ -153,13 +154,16 @@ class Sampler:
             probs = kept / kept.sum()
         return int(self.rng.choice(len(probs), p=probs))
 
-    def __call__(self, logits: np.ndarray, seen_ids: np.ndarray, output_counts: dict[int, int] | None = None,
+    def __call__(self, logits: np.ndarray, seen_ids: Collection[int], output_counts: dict[int, int] | None = None,
                  banned: tuple[int, ...] = (), top: int = 0,
-                 allowed: np.ndarray | None = None) -> tuple[int, float, tuple[tuple[int, float], ...]]:
+                 allowed: np.ndarray | None = None,
+                 with_logprobs: bool = True) -> tuple[int, float, tuple[tuple[int, float], ...]]:
         """The next token, its log-probability under the adjusted (penalised, biased, masked, untempered)
-        distribution, and the `top` most likely tokens with theirs."""
+        distribution, and the `top` most likely tokens with theirs; without logprobs, NaN and none."""
         adjusted = self.adjust(logits, seen_ids, output_counts, banned, allowed)
         token = self.choose(adjusted)
+        if not with_logprobs:
+            return token, float("nan"), ()
         logprobs = log_softmax(adjusted)
         return token, float(logprobs[token]), top_logprobs(logprobs, top)
 

@@ -32,6 +32,7 @@ class BoundBuffers(list):
     binding = None
     values: list | None = None  # the OrtValues bound, which keep the buffers' memory referenced
     logits: np.ndarray | None = None
+    capacity = 0  # positions every buffer holds
 
 
 def with_room(tensor: np.ndarray, needed: int, limit: int) -> np.ndarray:
@@ -165,9 +166,10 @@ class Engine:
         """CPU: each layer's past and present are bound to one buffer, so GroupQueryAttention appends the new
         keys and values where they belong instead of copying the whole cache into a new present every step. A
         prompt chunk over a past comes here too: its T positions' logits cost less than copying a long cache."""
-        buffers = [with_room(tensor, attention_mask.shape[1], self.context_length) for tensor in past]
-        if not (isinstance(past, BoundBuffers) and all(new is old for new, old in zip(buffers, past))):
-            past = BoundBuffers(buffers)
+        needed = attention_mask.shape[1]
+        if not (isinstance(past, BoundBuffers) and needed <= past.capacity):  # else every buffer has the room
+            past = BoundBuffers([with_room(tensor, needed, self.context_length) for tensor in past])
+            past.capacity = min(tensor.shape[2] for tensor in past)
             past.binding = self.session.io_binding()
             past.values = [ort.OrtValue.ortvalue_from_numpy(tensor) for tensor in past]  # share the arrays' memory
             for past_name, present_name, value in zip(self._past_names, self._present_names, past.values):

@@ -57,13 +57,22 @@ class KVCache:
 
     @staticmethod
     def join(caches: list[KVCache | None]) -> KVCache:
-        """Stacks batches (their buffers cut or zero-extended to the longest row)."""
+        """Stacks batches. The buffers keep the room of the roomiest (a running batch's), so the next step does
+        not copy the joined cache again to grow it; only cached positions are copied (the room is zeros)."""
         filled = [cache for cache in caches if cache is not None and cache.size]
         if len(filled) == 1:
             return filled[0]
-        width = max(int(cache.lengths.max()) for cache in filled)
-        buffers = [np.concatenate([_width(on_host(tensor), width) for tensor in tensors], axis=0)
-                   for tensors in zip(*(cache.buffers for cache in filled))]
+        sizes = np.cumsum([0, *(cache.size for cache in filled)])
+        buffers = []
+        for tensors in zip(*(cache.buffers for cache in filled)):
+            tensors = [on_host(tensor) for tensor in tensors]
+            _, heads, _, dim = tensors[0].shape
+            joined = np.zeros((int(sizes[-1]), heads, max(tensor.shape[2] for tensor in tensors), dim),
+                              dtype=tensors[0].dtype)
+            for cache, tensor, start, stop in zip(filled, tensors, sizes, sizes[1:]):
+                cached = int(cache.lengths.max())
+                joined[start:stop, :, :cached] = tensor[:, :, :cached]
+            buffers.append(joined)
         return KVCache(buffers, np.concatenate([cache.lengths for cache in filled]))
 
     def select(self, rows: list[int]) -> KVCache:
@@ -83,10 +92,3 @@ def _grown(tensor: np.ndarray, capacity: int) -> np.ndarray:
     grown = np.zeros((*tensor.shape[:2], capacity, tensor.shape[3]), dtype=tensor.dtype)
     grown[:, :, :tensor.shape[2]] = tensor
     return grown
-
-
-def _width(tensor: np.ndarray, width: int) -> np.ndarray:
-    """(B, KV, width, D): the first `width` positions, zeros where the buffer is shorter."""
-    if tensor.shape[2] >= width:
-        return tensor[:, :, :width]
-    return np.pad(tensor, ((0, 0), (0, 0), (0, width - tensor.shape[2]), (0, 0)))

@@ -304,7 +304,8 @@ class Scheduler:
         max_batch_size + max_queue sequences in already (paused ones included). Returns the leader."""
         loop = asyncio.get_running_loop()
         handles = [RequestHandle(request, Sequence(self.engine.tokenizer, list(request.prompt_ids), request.sampling,
-                                                   request.stopping, index=index, top_logprobs=request.top_logprobs),
+                                                   request.stopping, index=index, top_logprobs=request.top_logprobs,
+                                                   with_logprobs=request.return_logprobs),
                                  self, loop) for index in range(request.n)]
         handle, handle.followers = handles[0], handles[1:]
         with self._condition:

@@ -29,7 +29,9 @@ def same(left: list[np.ndarray], right: list[np.ndarray]) -> bool:
 def test_join_and_select_keep_every_rows_positions():
     first, second = cache_of([5, 2], 8, seed=0), cache_of([7], 7, seed=1)
     joined = KVCache.join([first, None, second])
-    assert list(joined.lengths) == [5, 2, 7] and joined.buffers[0].shape == (3, 2, 7, 3)
+    # The room of the roomiest part (8 positions) is kept, as zeros past each row's cached positions.
+    assert list(joined.lengths) == [5, 2, 7] and joined.buffers[0].shape == (3, 2, 8, 3)
+    assert not any(tensor[row, :, length:].any() for tensor in joined.buffers for row, length in enumerate([5, 2, 7]))
     assert same(row(joined, 0), row(first, 0)) and same(row(joined, 1), row(first, 1))
     assert same(row(joined, 2), row(second, 0))
     picked = joined.select([2, 0])
