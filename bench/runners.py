@@ -106,6 +106,8 @@ class GenaiRunner:
         config = og.Config(folder)
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.og, self.model = og, og.Model(config)
+        # What genai takes for padding in a batch of prompts (its attention mask is input_ids != pad_token_id).
+        self.pad_token_id = int(json.loads((Path(folder) / "genai_config.json").read_text())["model"]["pad_token_id"])
 
     def _generator(self, batch_size: int, length: int):
         params = self.og.GeneratorParams(self.model)

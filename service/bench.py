@@ -8,7 +8,7 @@ The ways to run the same requests, one after the other so they never share the C
              same work), called over a local gRPC channel: what clients see
   openai     the same child process, called over HTTP (streamed /v1/completions)
   genai      with --genai DIR: onnxruntime-genai in this process on its own export of the model, the streams as
-             one batch (it has no continuous batching; prompts cut to the batch's shortest): the peer to beat
+             one batch (it has no continuous batching; prompts padded to the batch's longest): the peer to beat
 With --target, only the served figures of a server already running elsewhere (behind nginx, over TLS, with a
 token): what a deployment gives. Each request ignores EOS, so every stream produces exactly --max-new-tokens
 tokens.
@@ -96,14 +96,16 @@ def prompt_for(stream: int, round_number: int, streams: int) -> str:
 
 
 def bench_genai(runner, tokenizer, streams: int, rounds: int, max_new_tokens: int) -> Figures:
-    """onnxruntime-genai (bench/runners.py's GenaiRunner): each round one batch of `streams` rows."""
+    """onnxruntime-genai (bench/runners.py's GenaiRunner): each round one batch of `streams` rows, the prompts
+    padded in front to the longest, as genai batches prompts of different lengths: it reads what we read."""
     records = []
     started = time.perf_counter()
     for round_number in range(rounds):
         ids = [tokenizer.encode(prompt_for(stream, round_number, streams)) for stream in range(streams)]
-        width = min(map(len, ids))
+        width = max(map(len, ids))
+        batch = np.array([[runner.pad_token_id] * (width - len(row)) + list(row) for row in ids], dtype=np.int64)
         sent = time.perf_counter()
-        stamps, _tokens = runner.decode(np.array([row[:width] for row in ids], dtype=np.int64), max_new_tokens)
+        stamps, _tokens = runner.decode(batch, max_new_tokens)
         records += [StreamRecord(sent, stamps) for _ in range(streams)]
     return summarise("genai", streams, records, time.perf_counter() - started)
 
