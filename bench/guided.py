@@ -81,4 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gptserve.cli import restart_with_huge_pages
+
+    restart_with_huge_pages()  # measured as `gptserve` runs: on huge pages
     raise SystemExit(main())

@@ -97,4 +97,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from gptserve.cli import restart_with_huge_pages
+
+    restart_with_huge_pages()  # measured as `gptserve` runs: on huge pages
     main()

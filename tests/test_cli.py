@@ -374,3 +374,51 @@ def test_a_verdict_names_what_failed_and_an_fp16_one_its_structure():
     (structure,) = judgements(fp16)
     assert structure.measured == "1 mismatched" and not structure.met
     assert "contract mismatches: logits" in format_report(fp16)
+
+
+# Run as `python -c`: prints its pid and GLIBC_TUNABLES at start, then runs the program (`gptserve --version`).
+RESTARTING = ("import os, sys; print(os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True); "
+              "sys.argv = ['gptserve', '--version']; from gptserve.cli import main; main()")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's tunables")
+@pytest.mark.parametrize(("given", "wanted"), [
+    (None, "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"),
+    ("glibc.malloc.tcache_count=0", "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1"),
+    ("glibc.malloc.hugetlb=0", None),  # the opt-out: no restart
+])
+def test_the_program_restarts_once_on_huge_pages_in_the_same_process(given, wanted):
+    environment = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", RESTARTING], capture_output=True, text=True, timeout=60,
+                          env={**environment, **({"GLIBC_TUNABLES": given} if given else {})})
+    assert done.returncode == 0, done.stderr
+    *starts, printed_version = done.stdout.splitlines()
+    assert printed_version == f"gptserve {version('gptserve')}"
+    pids = {line.split()[0] for line in starts}
+    seen = [line.split(maxsplit=1)[1] for line in starts]
+    assert len(pids) == 1  # exec: the same process, so signals and a container's pid 1 still reach it
+    assert seen == ([str(given), wanted] if wanted else [given])
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+                    or "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="this kernel gives no transparent huge pages")
+def test_the_served_weights_lie_in_huge_pages(default_artifact):
+    """The server loads its engine on a thread of its own: one malloc arena keeps its weights in huge pages too."""
+    from gptserve.service.bench import free_port
+    from gptserve.service.client import GenerationClient
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "gptserve", "serve", "--artifacts", str(default_artifact),
+                               "--port", str(port), "--http-port", "0", "--speculative", "off"],
+                              env={key: value for key, value in os.environ.items()
+                                   if not key.startswith("GPTSERVE_") and key != "GLIBC_TUNABLES"})
+    try:
+        with GenerationClient(f"127.0.0.1:{port}") as client:
+            client.wait_until_serving(timeout=120)
+        rollup = Path(f"/proc/{server.pid}/smaps_rollup").read_text()
+        huge = next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("AnonHugePages:"))
+        assert huge > 400 * 1024, rollup  # kB: most of the 540 MB of fp32 weights
+    finally:
+        server.terminate()
+        server.wait(60)
