@@ -208,7 +208,8 @@ def create_speculator(mode: str, engine) -> Speculator | None:
     if not difference <= SAME_LOGITS:
         log.warning("speculative decoding is off: this artifact's logits for tokens read together differ from "
                     "those of the same tokens read one by one by %.3g (at most %g would keep its output; int4 and "
-                    "int8 round activations to 8 bits, which magnifies the last bits' differences)", difference, SAME_LOGITS)
+                    "int8 round activations to 8 bits, which magnifies the last bits' differences)",
+                    difference, SAME_LOGITS)
         return None
     if mode == "ngram":
         speculator = Speculator(PromptLookup, measure_costs(engine), mode)
