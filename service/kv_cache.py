@@ -64,8 +64,8 @@ class KVCache:
             return filled[0]
         sizes = np.cumsum([0, *(cache.size for cache in filled)])
         buffers = []
-        for tensors in zip(*(cache.buffers for cache in filled)):
-            tensors = [on_host(tensor) for tensor in tensors]
+        for layer in zip(*(cache.buffers for cache in filled)):
+            tensors = [on_host(tensor) for tensor in layer]
             _, heads, _, dim = tensors[0].shape
             joined = np.zeros((int(sizes[-1]), heads, max(tensor.shape[2] for tensor in tensors), dim),
                               dtype=tensors[0].dtype)
