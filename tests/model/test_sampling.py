@@ -28,6 +28,18 @@ def test_greedy_takes_the_argmax_with_its_logprob():
     assert logprob == pytest.approx(np.log(0.5), abs=1e-6)
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=7),
+                                    SamplingParams(temperature=1.0, repetition_penalty=1.3, seed=3)])
+def test_without_logprobs_the_same_tokens_are_drawn_and_none_is_computed(params):
+    """What the server does for a request that returns no logprobs: the same draws from the same random stream."""
+    scored, bare = Sampler(params), Sampler(params)
+    seen = np.array([1, 3])
+    for _ in range(50):
+        token, logprob, alternatives = scored(LOGITS, seen, top=2)
+        assert bare(LOGITS, seen, top=2, with_logprobs=False) == (token, pytest.approx(np.nan, nan_ok=True), ())
+        assert np.isfinite(logprob) and len(alternatives) == 2
+
+
 def test_top_k_keeps_only_the_k_most_likely():
     assert set(draws(SamplingParams(temperature=1.0, top_k=2, seed=0))) == {2, 3}
 
