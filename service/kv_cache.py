@@ -67,6 +67,9 @@ class KVCache:
         for layer in zip(*(cache.buffers for cache in filled)):
             tensors = [on_host(tensor) for tensor in layer]
             _, heads, _, dim = tensors[0].shape
+            if any((tensor.shape[1], tensor.shape[3], tensor.dtype) != (heads, dim, tensors[0].dtype)
+                   for tensor in tensors):  # numpy would broadcast one head into all: refuse, as concatenate did
+                raise ValueError(f"cannot join KV caches of shapes {[tensor.shape for tensor in tensors]}")
             joined = np.zeros((int(sizes[-1]), heads, max(tensor.shape[2] for tensor in tensors), dim),
                               dtype=tensors[0].dtype)
             for cache, tensor, start, stop in zip(filled, tensors, sizes, sizes[1:]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from gptserve.service.kv_cache import KVCache
 
@@ -38,6 +39,14 @@ def test_join_and_select_keep_every_rows_positions():
     assert list(picked.lengths) == [7, 5]
     assert same(row(picked, 0), row(second, 0)) and same(row(picked, 1), row(first, 0))
     assert picked.nbytes == (7 + 5) * 4 * (2 * 3 * 4)  # positions x buffers x (KV heads x head size x 4 bytes)
+
+
+def test_join_refuses_caches_of_other_shapes():
+    """A cache of one KV head would broadcast into every head of the joined buffers: an error, not a wrong cache."""
+    good, odd = cache_of([3], 4, seed=3), cache_of([2], 4, seed=4)
+    odd = KVCache([tensor[:, :1] for tensor in odd.buffers], odd.lengths)
+    with pytest.raises(ValueError, match="cannot join KV caches"):
+        KVCache.join([good, odd])
 
 
 def test_truncate_keeps_a_prefix_and_reserve_makes_room_without_moving_it():

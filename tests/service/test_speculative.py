@@ -313,7 +313,7 @@ def test_every_way_of_choosing_a_token_is_plain_decoding_s(default_engine, promp
 
     for sampling, stopping in cases:
         speculator = Speculator(PromptLookup, FREE, "ngram")
-        request = GenerationRequest("r", tuple(prompts[0]), sampling, stopping, top_logprobs=3)
+        request = GenerationRequest("r", tuple(prompts[0]), sampling, stopping, return_logprobs=True, top_logprobs=3)
         [(events, reason)] = one_at_a_time(default_engine, speculator, [request])
         accepted = speculator.accepted
         sequence = Sequence(default_engine.tokenizer, prompts[0], sampling, stopping, top_logprobs=3)
