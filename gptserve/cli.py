@@ -529,12 +529,15 @@ def restart_with_huge_pages() -> None:
     bound the README gives (slots x context length x the KV bytes of a position)."""
     tunables = [item for item in os.environ.get("GLIBC_TUNABLES", "").split(":") if item]
     named = {item.split("=", 1)[0] for item in tunables}
-    if not sys.platform.startswith("linux") or "glibc.malloc.hugetlb" in named:
+    if not sys.platform.startswith("linux") or not sys.executable or "glibc.malloc.hugetlb" in named:
         return
     tunables += [f"{name}={value}" for name, value in HUGE_PAGES.items() if name not in named]
     os.environ["GLIBC_TUNABLES"] = ":".join(tunables)
     sys.stdout.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError:  # cannot run itself again (an unusual install): it runs on, in 4 KiB pages
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
