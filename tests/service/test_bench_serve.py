@@ -56,5 +56,6 @@ def test_bench_serve_side_by_side_on_an_artifact(tiny_artifact, tmp_path):
     assert set(measured) == {("engine", 1), *((path, streams) for path in ("scheduler", "grpc", "openai", "genai")
                                                 for streams in (1, 2))}
     assert all(item["tokens"] == 4 * item["streams"] for item in measured.values())
-    assert "one stream over HTTP" in done.stdout and "one stream over gRPC" in done.stdout
-    assert "2 streams over gRPC" in done.stdout and "onnxruntime-genai in process" in done.stdout
+    assert "1 streams over HTTP: " in done.stdout and "of the in-process engine's tokens/s" in done.stdout
+    assert "2 streams over gRPC: " in done.stdout and "of the in-process scheduler's tokens/s" in done.stdout
+    assert "onnxruntime-genai in process" in done.stdout
