@@ -63,6 +63,7 @@ class KVCache:
         if len(filled) == 1:
             return filled[0]
         sizes = np.cumsum([0, *(cache.size for cache in filled)])
+        cached = [int(cache.lengths.max()) for cache in filled]  # each part's positions to copy
         buffers = []
         for layer in zip(*(cache.buffers for cache in filled)):
             tensors = [on_host(tensor) for tensor in layer]
@@ -72,9 +73,8 @@ class KVCache:
                 raise ValueError(f"cannot join KV caches of shapes {[tensor.shape for tensor in tensors]}")
             joined = np.zeros((int(sizes[-1]), heads, max(tensor.shape[2] for tensor in tensors), dim),
                               dtype=tensors[0].dtype)
-            for cache, tensor, start, stop in zip(filled, tensors, sizes, sizes[1:]):
-                cached = int(cache.lengths.max())
-                joined[start:stop, :, :cached] = tensor[:, :, :cached]
+            for tensor, width, start, stop in zip(tensors, cached, sizes, sizes[1:]):
+                joined[start:stop, :, :width] = tensor[:, :, :width]
             buffers.append(joined)
         return KVCache(buffers, np.concatenate([cache.lengths for cache in filled]))
 

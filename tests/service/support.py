@@ -39,6 +39,11 @@ def collect(responses) -> tuple[list[int], str, object]:
     return ids, text, last
 
 
+async def read_ids(handle) -> list[int]:
+    """Every token id of a scheduler request's updates, read as they come; raises the request's failure."""
+    return [event.id async for events, _ in handle.updates() for event in events]
+
+
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.01) -> float:
     """Polls until `condition()` is true; the seconds it took. Fails the test on timeout."""
     started = time.perf_counter()

@@ -17,7 +17,7 @@ from gptserve.service.errors import EngineFailure
 from gptserve.service.kv_cache import KVCache
 from gptserve.service.metrics import Metrics
 from gptserve.service.scheduler import Scheduler
-from tests.service.support import running_server
+from tests.service.support import read_ids, running_server
 
 
 class FaultyEngine:
@@ -77,9 +77,6 @@ def test_a_decode_failure_while_a_reader_is_paused_ends_every_request(tiny_engin
     ids = tuple(tiny_engine.tokenizer.encode("Hello there"))
     request = lambda name: GenerationRequest(name, ids, SamplingParams(), StoppingParams(8, (), True))
 
-    async def read_all(handle) -> list[int]:
-        return [event.id async for events, _ in handle.updates() for event in events]
-
     async def scenario():
         scheduler = Scheduler(faulty, Metrics(), max_batch_size=4, max_unread_tokens=2)
         scheduler.start()
@@ -92,9 +89,9 @@ def test_a_decode_failure_while_a_reader_is_paused_ends_every_request(tiny_engin
             assert slow.paused
             faulty.fail_decode = True
             with pytest.raises(EngineFailure):
-                await asyncio.wait_for(read_all(scheduler.submit(request("steady"))), 10)
+                await asyncio.wait_for(read_ids(scheduler.submit(request("steady"))), 10)
             faulty.fail_decode = False
-            slow_ids = await asyncio.wait_for(read_all(slow), 10)
+            slow_ids = await asyncio.wait_for(read_ids(slow), 10)
             await asyncio.sleep(0.05)
             return slow_ids, scheduler.active_count
         finally:

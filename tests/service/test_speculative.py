@@ -36,7 +36,7 @@ from gptserve.service.speculative import (
     StepCosts,
     forward_difference,
 )
-from tests.service.support import collect, running_server, solo_greedy
+from tests.service.support import collect, read_ids, running_server, solo_greedy
 from tests.service.test_faults import FaultyEngine
 
 NEW_TOKENS = 40
@@ -243,9 +243,6 @@ def test_a_failed_verification_fails_only_its_stream(tiny_engine):
     prompt = tuple(tiny_engine.tokenizer.encode("one two three one two three one two three"))
     request = lambda name: GenerationRequest(name, prompt, SamplingParams(), StoppingParams(12, (), True))
 
-    async def read_all(handle) -> list[int]:
-        return [event.id async for events, _ in handle.updates() for event in events]
-
     async def scenario():
         speculator = Speculator(lambda: DraftModel(tiny_engine), FREE, "draft")  # every step verifies
         scheduler = Scheduler(faulty, Metrics(), speculator=speculator)
@@ -253,9 +250,9 @@ def test_a_failed_verification_fails_only_its_stream(tiny_engine):
         try:
             faulty.fail_verify = True
             with pytest.raises(EngineFailure):
-                await asyncio.wait_for(read_all(scheduler.submit(request("failing"))), 10)
+                await asyncio.wait_for(read_ids(scheduler.submit(request("failing"))), 10)
             faulty.fail_verify = False
-            after = await asyncio.wait_for(read_all(scheduler.submit(request("after"))), 10)
+            after = await asyncio.wait_for(read_ids(scheduler.submit(request("after"))), 10)
             await asyncio.sleep(0.05)
             return after, scheduler.active_count, scheduler.speculator._streams
         finally:
